@@ -1,0 +1,169 @@
+"""Saving and loading a model directory: `config.json` + `model.safetensors`, never pickle.
+
+Writes are atomic: everything goes into a temporary sibling directory, is fsynced, and
+is renamed into place, so a killed process leaves either the old directory or the new
+one, never half of one. Loading names the first mismatch in one line (wrong kind of
+model, missing or unexpected weights, other shapes) instead of a stack of shape errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from dalle.config import ConfigError, from_dict, to_dict
+from dalle.errors import DalleError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(DalleError):
+    """A model directory that is missing, corrupt, or made for another model."""
+
+
+def fsync_directory(path: Path) -> None:
+    """Flushes a directory entry to disk (no-op where the OS does not support it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """Yields a temporary directory that replaces `target` only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield temporary
+        for file in temporary.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+        fsync_directory(temporary)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(temporary, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(temporary, target)
+        fsync_directory(target.parent)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> None:
+    """Writes JSON to `path` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A state dict safetensors accepts: contiguous, CPU, no shared storage."""
+    return {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in model.state_dict().items()}
+
+
+def save_model(model: torch.nn.Module, config: Any, directory: str | Path, kind: str,
+               extra: dict[str, Any] | None = None) -> Path:
+    """Saves `model` and its config dataclass as a model directory.
+
+    Args:
+        model: the module whose weights are written.
+        config: the dataclass that rebuilds the module (`kind`'s config class).
+        directory: the model directory to (re)write.
+        kind: what the model is ("dvae", "transformer", "clip"); checked on load.
+        extra: more JSON-able facts to keep beside the config (metrics, tokenizer name).
+    """
+    meta = {"kind": kind, "format_version": FORMAT_VERSION, "config": to_dict(config), **(extra or {})}
+    with atomic_directory(directory) as temporary:
+        save_file(state_for_saving(model), str(temporary / WEIGHTS_FILE), metadata={"kind": kind})
+        (temporary / CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return Path(directory)
+
+
+def read_model_meta(directory: str | Path, kind: str) -> dict[str, Any]:
+    """Reads and checks `config.json` of a model directory made for `kind`."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    if not directory.is_dir():
+        raise CheckpointError(f"model directory not found: {directory}")
+    if not config_path.is_file():
+        raise CheckpointError(f"{directory} is not a model directory: {CONFIG_FILE} is missing")
+    try:
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{config_path} is not valid JSON: {error}") from None
+    found = meta.get("kind")
+    if found != kind:
+        raise CheckpointError(f"{directory} holds a {found!r} model, expected a {kind!r} model")
+    return meta
+
+
+def load_model(directory: str | Path, kind: str, config_class: type, build) -> tuple[torch.nn.Module, Any]:
+    """Loads a model directory written by `save_model`.
+
+    Args:
+        directory: the model directory.
+        kind: the expected kind ("dvae", ...).
+        config_class: the dataclass of that kind's config.
+        build: a callable that makes the module from a config instance.
+
+    Returns:
+        The module (in eval mode) and its config.
+    """
+    directory = Path(directory)
+    meta = read_model_meta(directory, kind)
+    try:
+        config = from_dict(config_class, meta.get("config", {}), source=str(directory / CONFIG_FILE))
+    except ConfigError as error:
+        raise CheckpointError(str(error)) from None
+    model = build(config)
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}")
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{weights_path} is not a readable safetensors file: {error}") from None
+    check_state_matches(model, state, str(directory))
+    model.load_state_dict(state)
+    model.eval()
+    return model, config
+
+
+def check_state_matches(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Raises one line naming the first missing, unexpected or misshapen weight."""
+    expected = model.state_dict()
+    missing = [name for name in expected if name not in state]
+    unexpected = [name for name in state if name not in expected]
+    if missing:
+        raise CheckpointError(f"{where}: missing weight '{missing[0]}' ({len(missing)} missing in all)")
+    if unexpected:
+        raise CheckpointError(f"{where}: unexpected weight '{unexpected[0]}' ({len(unexpected)} unexpected in all)")
+    for name, tensor in expected.items():
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{where}: weight '{name}' has shape {tuple(state[name].shape)}, "
+                                  f"the config builds {tuple(tensor.shape)}")

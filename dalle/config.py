@@ -1,0 +1,300 @@
+"""Typed configuration: nested dataclasses, loaded from YAML, overridable with `--set`.
+
+A config file fills any subset of the sections below; everything else keeps its default.
+Unknown keys and wrong types fail with one line naming the key and the file, because a
+typo in a config must not silently train the wrong model.
+
+A run directory (`run_dir`) is also the pipeline directory that inference loads:
+`run_dir/tokenizer.json`, `run_dir/dvae/`, `run_dir/transformer/`, `run_dir/clip/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dalle.errors import DalleError
+
+
+class ConfigError(DalleError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class DataConfig:
+    """Where (image, caption) pairs come from. See `dalle.data.open_source`."""
+
+    source: str = "shapes"  # shapes | digits | folder:DIR | hf:NAME_OR_PATH | wds:PATTERN
+    size: int = 32  # images are resized (shapes: drawn) to size x size
+    split: str = "train"
+    seed: int = 0
+    image_column: str = "image"  # hf: sources only
+    text_column: str = "text"  # hf: sources only
+    streaming: bool = False  # hf: sources only
+    paraphrase_prob: float = 0.0  # shapes/digits: chance of a non-canonical caption
+
+    def __post_init__(self):
+        _check(self.size >= 8, "data.size", f"must be >= 8, got {self.size}")
+        _check(self.split in ("train", "test"), "data.split", f"must be train or test, got {self.split!r}")
+        _check(0.0 <= self.paraphrase_prob <= 1.0, "data.paraphrase_prob", "must be in [0, 1]")
+
+
+@dataclass
+class TokenizerConfig:
+    """The BPE tokenizer and the fixed-length text block of the DALL-E paper."""
+
+    path: str = "tokenizers/shapes.json"  # a trained HF tokenizers file
+    text_len: int = 24  # tokens per caption; each position has its own padding token
+    vocab_size: int = 512  # only used when training a tokenizer
+    bpe_dropout: float = 0.0  # paper: 0.1 while training the transformer
+
+    def __post_init__(self):
+        _check(self.text_len >= 1, "tokenizer.text_len", "must be >= 1")
+        _check(self.vocab_size >= 260, "tokenizer.vocab_size", "must be >= 260 (byte alphabet + specials)")
+        _check(0.0 <= self.bpe_dropout < 1.0, "tokenizer.bpe_dropout", "must be in [0, 1)")
+
+
+@dataclass
+class DVAEConfig:
+    """The discrete VAE: OpenAI's architecture, sized by these numbers."""
+
+    image_size: int = 32
+    channels: int = 3
+    hidden: int = 64  # width of the first group; group g has hidden * 2**g channels
+    blocks_per_group: int = 1
+    groups: int = 3  # downsampling factor is 2 ** (groups - 1)
+    codebook_size: int = 512
+    decoder_init: int = 128  # channels of the decoder's first 1x1 convolution
+    loss: str = "logit_laplace"  # logit_laplace (paper) | mse
+    eps: float = 0.1  # logit-Laplace pixel squeeze: [eps, 1 - eps]
+    temperature_start: float = 1.0
+    temperature_end: float = 1.0 / 16
+    temperature_steps: int = 150_000
+    kl_weight_end: float = 6.6
+    kl_warmup_steps: int = 5_000
+
+    def __post_init__(self):
+        _check(self.groups >= 1, "dvae.groups", "must be >= 1")
+        factor = 2 ** (self.groups - 1)
+        _check(self.image_size % factor == 0, "dvae.image_size", f"must be divisible by {factor}")
+        _check(self.codebook_size >= 2, "dvae.codebook_size", "must be >= 2")
+        _check(self.loss in ("logit_laplace", "mse"), "dvae.loss", "must be logit_laplace or mse")
+        _check(0.0 < self.eps < 0.5, "dvae.eps", "must be in (0, 0.5)")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // 2 ** (self.groups - 1)
+
+
+@dataclass
+class TransformerConfig:
+    """The decoder-only transformer over [text block | image tokens]."""
+
+    dim: int = 256
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    # Per layer: causal | row | column | conv. "paper" expands to the paper's pattern.
+    attention: list[str] = field(default_factory=lambda: ["paper"])
+    conv_kernel: int = 11  # the convolutional mask's window (paper: 11x11)
+    text_loss_weight: float = 1.0 / 8
+    image_loss_weight: float = 7.0 / 8
+    caption_dropout: float = 0.1  # replace the caption with padding, for guidance
+    tie_embeddings: bool = False
+    # Filled from the tokenizer and dVAE when training starts; checked when loading.
+    text_len: int = 24
+    text_vocab: int = 512
+    image_vocab: int = 512
+    image_grid: int = 8
+
+    def __post_init__(self):
+        _check(self.dim % self.heads == 0, "transformer.dim", f"{self.dim} is not divisible by heads={self.heads}")
+        _check(self.depth >= 1, "transformer.depth", "must be >= 1")
+        _check(0.0 <= self.caption_dropout <= 1.0, "transformer.caption_dropout", "must be in [0, 1]")
+        _check(self.conv_kernel % 2 == 1, "transformer.conv_kernel", "must be odd")
+        for name in self.attention:
+            _check(name in ("paper", "causal", "row", "column", "conv"), "transformer.attention",
+                   f"unknown pattern {name!r} (causal, row, column, conv or paper)")
+
+
+@dataclass
+class CLIPConfig:
+    """Contrastive text and image encoders (a small text transformer and a ViT)."""
+
+    embed_dim: int = 128
+    text_dim: int = 128
+    text_depth: int = 2
+    text_heads: int = 4
+    vision_dim: int = 128
+    vision_depth: int = 2
+    vision_heads: int = 4
+    patch_size: int = 4
+    image_size: int = 32
+    init_temperature: float = 1.0 / 0.07  # CLIP paper; the learned scale is clamped at 100
+    # Filled from the tokenizer when training starts.
+    text_len: int = 24
+    text_vocab: int = 512
+
+    def __post_init__(self):
+        _check(self.image_size % self.patch_size == 0, "clip.image_size", "must be divisible by clip.patch_size")
+        _check(self.text_dim % self.text_heads == 0, "clip.text_dim", "must be divisible by clip.text_heads")
+        _check(self.vision_dim % self.vision_heads == 0, "clip.vision_dim", "must be divisible by clip.vision_heads")
+
+
+@dataclass
+class TrainConfig:
+    """One stage's optimisation settings."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    ema: float = 0.0  # 0 disables the exponential moving average of weights
+    log_every: int = 50
+    sample_every: int = 0  # 0 disables sample grids during training
+    checkpoint_every: int = 0  # 0: only at the end (and on SIGTERM/SIGINT)
+    keep_checkpoints: int = 2
+    seed: int = 0
+    num_workers: int = 0
+    max_bad_fraction: float = 0.5
+
+    def __post_init__(self):
+        _check(self.steps >= 1, "train.steps", "must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+        _check(self.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision", "must be no, bf16 or fp16")
+        _check(len(self.betas) == 2, "train.betas", "must hold two numbers")
+        _check(0.0 <= self.ema < 1.0, "train.ema", "must be in [0, 1)")
+
+
+@dataclass
+class TrainStages:
+    """Training settings per stage, so one file (the demo's) can train every stage."""
+
+    dvae: TrainConfig = field(default_factory=TrainConfig)
+    transformer: TrainConfig = field(default_factory=TrainConfig)
+    clip: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class Config:
+    """A whole run: data, tokenizer, the three models and their training."""
+
+    run_dir: str = "runs/shapes"
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    dvae: DVAEConfig = field(default_factory=DVAEConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    clip: CLIPConfig = field(default_factory=CLIPConfig)
+    train: TrainStages = field(default_factory=TrainStages)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {message}")
+
+
+def from_dict(cls: type, values: dict[str, Any], where: str = "", source: str = "config") -> Any:
+    """Builds dataclass `cls` from a plain dict, checking every key and type.
+
+    Args:
+        cls: the dataclass to build.
+        values: the parsed YAML (or JSON) mapping.
+        where: the dotted path of this section, for error messages.
+        source: the file name, for error messages.
+    """
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: {where or 'top level'} must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key '{path}' (known: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(hints[key], value, path, source)
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def _coerce(hint: Any, value: Any, path: str, source: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, path, source)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        hint = next(option for option in options if option is not type(None))
+        origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {path} must be a list, got {value!r}")
+        return [_coerce(item, v, f"{path}[{i}]", source) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise ConfigError(f"{source}: {path} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The plain-dict form of a config dataclass (what config.json holds)."""
+    return dataclasses.asdict(config)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--set") -> dict[str, Any]:
+    """Applies `a.b.c=value` strings (values parsed as YAML) onto a raw config mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{source}: expected KEY=VALUE, got {item!r}")
+        key, text = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: {key} goes through a value that is not a section")
+        node[parts[-1]] = yaml.safe_load(text)
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Loads a `Config` from a YAML file (or defaults when `path` is None) plus overrides."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        source = f"{source} (with --set)"
+    return from_dict(Config, raw, source=source)
