@@ -19,6 +19,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,digits]"
     # OpenAI's dVAE package, for the parity test only: its own requirements pull a CUDA
     # torchvision, so it goes in without dependencies.
-    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps dall-e==0.1 requests attrs
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps dall-e==0.1
+    .venv/bin/python -m pip install -q --disable-pip-version-check requests attrs
     echo "$want" > "$stamp"
 fi
