@@ -38,6 +38,8 @@ class DataConfig:
     text_column: str = "text"  # hf: sources only
     streaming: bool = False  # hf: sources only
     paraphrase_prob: float = 0.0  # shapes/digits: chance of a non-canonical caption
+    n: int = 0  # pairs read into memory; 0: all (shapes: endless, rendered per batch)
+    max_bad_fraction: float = 0.5  # stop when more of the files than this are broken
 
     def __post_init__(self):
         _check(self.size >= 8, "data.size", f"must be >= 8, got {self.size}")
@@ -169,7 +171,6 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     num_workers: int = 0
-    max_bad_fraction: float = 0.5
 
     def __post_init__(self):
         _check(self.steps >= 1, "train.steps", "must be >= 1")
