@@ -112,12 +112,10 @@ def reference_mask(pattern: str, text_len: int, grid: int, kernel: int = 11) -> 
     length = text_len + n_image
     mask = torch.zeros(length, length, dtype=torch.bool)
     for q in range(text_len):
-        for k in range(q + 1):
-            mask[q, k] = True
+        mask[q, list(range(q + 1))] = True
     for a in range(n_image):
         q = text_len + a
-        for k in range(text_len):
-            mask[q, k] = True
+        mask[q, list(range(text_len))] = True
         keys: set[int] = set()
         if pattern == "causal":
             keys = set(range(a + 1))
@@ -135,8 +133,7 @@ def reference_mask(pattern: str, text_len: int, grid: int, kernel: int = 11) -> 
             keys = {b for b in keys if 0 <= b <= a}
         else:
             raise ValueError(pattern)
-        for b in keys:
-            mask[q, text_len + b] = True
+        mask[q, [text_len + b for b in sorted(keys)]] = True
     return mask
 
 

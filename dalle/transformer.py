@@ -295,6 +295,8 @@ class DalleTransformer(nn.Module):
             (paper: 1/8 text, 7/8 image).
         """
         n = image.shape[1]
+        if image.dim() != 2 or n > self.image_len:
+            raise DalleError(f"image must be (batch, n <= {self.image_len}) codes, got shape {tuple(image.shape)}")
         inputs = image[:, :self.image_len - 1]  # the last image token predicts nothing
         h = self.hidden(self.embed(text, inputs))  # (B, L + min(n, N - 1), D)
         logits_text = self.text_head(h[:, :self.text_len - 1])  # (B, L - 1, Vt)
