@@ -57,7 +57,7 @@ class HFCLIPScorer:
     @property
     def logit_scale(self) -> float:
         # CLIPModel.forward uses exp(logit_scale) unclamped; so do we, to match its logits.
-        return float(self.model.logit_scale.exp())
+        return self.model.logit_scale.detach().exp().item()
 
     @property
     def embed_dim(self) -> int:
