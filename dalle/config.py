@@ -148,6 +148,9 @@ class CLIPConfig:
         _check(self.image_size % self.patch_size == 0, "clip.image_size", "must be divisible by clip.patch_size")
         _check(self.text_dim % self.text_heads == 0, "clip.text_dim", "must be divisible by clip.text_heads")
         _check(self.vision_dim % self.vision_heads == 0, "clip.vision_dim", "must be divisible by clip.vision_heads")
+        _check(self.text_vocab > self.text_len, "clip.text_vocab",
+               f"must exceed clip.text_len (BPE ids + one padding id per position), got {self.text_vocab}")
+        _check(self.init_temperature > 0, "clip.init_temperature", "must be > 0")
 
 
 @dataclass
