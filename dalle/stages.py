@@ -251,7 +251,7 @@ def train_transformer(config: Config, resume: str | None = "auto", progress: boo
     model = DalleTransformer(model_config)
 
     def codes_of(images: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: these codes are inputs of autograd later
             return encode(dvae, to_float(images)).flatten(1)  # (B, h*w)
 
     if config.data.source == "shapes" and not config.data.n:
