@@ -78,3 +78,35 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
+
+
+def line_chart(series: dict[str, list[tuple[float, float]]], title: str, width: int = 420,
+               height: int = 220) -> Image.Image:
+    """A small line chart (e.g. training loss against step), one colour per series."""
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    font = _font()
+    left, right, top, bottom = 44, width - 10, 20, height - 24
+    points = [p for values in series.values() for p in values]
+    draw.text((left, 4), title, fill=TEXT, font=font)
+    draw.rectangle((left, top, right, bottom), outline=(180, 180, 180))
+    if not points:
+        return canvas
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top))
+
+    for k, (name, values) in enumerate(series.items()):
+        colour = colours[k % len(colours)]
+        if len(values) > 1:
+            draw.line([at(x, y) for x, y in values], fill=colour, width=2)
+        draw.text((right - 90, top + 4 + 12 * k), name, fill=colour, font=font)
+    draw.text((2, top), f"{y1:.3g}", fill=TEXT, font=font)
+    draw.text((2, bottom - 10), f"{y0:.3g}", fill=TEXT, font=font)
+    draw.text((left, bottom + 4), f"{x0:.0f}", fill=TEXT, font=font)
+    draw.text((right - 40, bottom + 4), f"{x1:.0f}", fill=TEXT, font=font)
+    return canvas
