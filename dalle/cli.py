@@ -256,11 +256,11 @@ def evaluate(model: str, out: str, candidates: int = 16, prompts_per_set: int = 
 
 
 def demo(out: str = "runs/demo", config: str = "configs/demo.yaml", fresh: bool = False,
-         overrides: list[str] | None = None) -> Path:
+         overrides: list[str] | None = None, candidates: int = 8, eval_prompts: int = 10) -> Path:
     """Trains every stage on the shapes data, samples and reranks, writes grid.png and report.html."""
     from dalle.demo import run_demo
 
-    grid = run_demo(out, config, fresh=fresh, overrides=overrides)
+    grid = run_demo(out, config, fresh=fresh, overrides=overrides, candidates=candidates, eval_prompts=eval_prompts)
     print(grid)
     return grid
 
@@ -357,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--config", default="configs/demo.yaml")
     dm.add_argument("--fresh", action="store_true", help="retrain stages that are already trained")
     dm.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    dm.add_argument("--candidates", type=int, default=8, help="pictures sampled per prompt")
+    dm.add_argument("--eval-prompts", type=int, default=10, help="prompts per evaluation set")
     return parser
 
 
@@ -411,7 +413,7 @@ def run(args: argparse.Namespace) -> object:
     if args.command == "eval":
         return evaluate(args.model, args.out, args.candidates, args.prompts, args.seed)
     if args.command == "demo":
-        return demo(args.out, args.config, args.fresh, args.overrides)
+        return demo(args.out, args.config, args.fresh, args.overrides, args.candidates, args.eval_prompts)
     raise DalleError(f"unknown command {args.command}")
 
 

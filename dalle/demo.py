@@ -44,7 +44,8 @@ def _log_series(run_dir: Path, stage: str, key: str = "loss") -> list[tuple[floa
 
 
 def run_demo(out: str | Path = "runs/demo", config_path: str | Path = "configs/demo.yaml", fresh: bool = False,
-             overrides: list[str] | None = None, candidates: int = 8, progress: bool = True) -> Path:
+             overrides: list[str] | None = None, candidates: int = 8, eval_prompts: int = 10,
+             progress: bool = True) -> Path:
     """Trains (or reuses) every stage, samples DEMO_PROMPTS, writes grid.png and report.html."""
     out = Path(out)
     model_dir = out / "model"
@@ -82,7 +83,7 @@ def run_demo(out: str | Path = "runs/demo", config_path: str | Path = "configs/d
     timings["sampling"] = round(time.perf_counter() - started, 1)
 
     started = time.perf_counter()
-    sets = prompt_sets(10, seed=0)
+    sets = prompt_sets(eval_prompts, seed=0)
     evaluated = {name: evaluate_prompts(pipeline, prompts, candidates, 0, progress, desc=name)
                  for name, prompts in sets.items()}
     metrics = {name: r["metrics"] for name, r in evaluated.items()}

@@ -76,7 +76,8 @@ class Pipeline:
             temperature, top_k, top_p: sampling filters.
             cond_scale: classifier-free guidance scale (1: off).
             prime_image, prime_rows: complete a picture whose top rows are given.
-            rerank_with_clip: order by CLIP score; False keeps sampling order.
+            rerank_with_clip: order by CLIP score; False keeps sampling order (scores are
+                still given when the pipeline has a CLIP).
             batch_size: at most this many rows per transformer call.
 
         Returns:
@@ -98,11 +99,12 @@ class Pipeline:
             grid = self.dvae.config.grid_size
             with torch.inference_mode():
                 pixels = decode(self.dvae, codes.view(-1, grid, grid))  # (candidates, 3, S, S)
-            if rerank_with_clip:
-                order, scores = rerank(self.scorer, prompt, pixels)
-                order, scores = order.tolist(), scores.tolist()
-            else:
-                order, scores = list(range(candidates)), None
+            order, scores = list(range(candidates)), None
+            if self.scorer is not None:  # scores are reported even when the order is kept
+                ranked, scores = rerank(self.scorer, prompt, pixels)
+                scores = scores.tolist()
+                if rerank_with_clip:
+                    order = ranked.tolist()
             results.append([Sample(tensor_to_pil(pixels[i]), rank + 1, scores[i] if scores else None, i)
                             for rank, i in enumerate(order[:keep])])
         return results

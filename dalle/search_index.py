@@ -9,6 +9,7 @@ unchanged and rebuilt (only for the pictures that changed) otherwise.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ def build_or_load_index(scorer: Scorer, folder: str | Path, model_id: str,
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and INDEX_DIR not in p.parts)
     index_dir = folder / INDEX_DIR
     old: dict[str, tuple[list[int], torch.Tensor]] = {}
+    old_bad: dict[str, list[int]] = {}  # unreadable pictures, not retried while unchanged
     meta_path, weights_path = index_dir / "index.json", index_dir / "embeddings.safetensors"
     if meta_path.is_file() and weights_path.is_file():
         try:
@@ -44,13 +46,16 @@ def build_or_load_index(scorer: Scorer, folder: str | Path, model_id: str,
             saved = load_file(str(weights_path))["embeddings"]
             if meta.get("model") == model_id and saved.shape[0] == len(meta["files"]):
                 old = {name: (stat, saved[i]) for i, (name, stat) in enumerate(meta["files"])}
+                old_bad = {name: stat for name, stat in meta.get("unreadable", [])}
         except (OSError, ValueError, KeyError, json.JSONDecodeError):
             old = {}  # a broken index is rebuilt
-    names, stats, embeddings, to_embed, skipped = [], [], [], [], 0
+    names, stats, embeddings, to_embed, bad = [], [], [], [], []
     for path in files:
         name = str(path.relative_to(folder))
         stat = _stat(path)
-        if name in old and old[name][0] == stat:
+        if old_bad.get(name) == stat:
+            bad.append((name, stat))
+        elif name in old and old[name][0] == stat:
             names.append(name)
             stats.append(stat)
             embeddings.append(old[name][1])
@@ -61,7 +66,7 @@ def build_or_load_index(scorer: Scorer, folder: str | Path, model_id: str,
     for name, stat, path in tqdm(to_embed, desc="embedding pictures", disable=len(to_embed) < 64):
         image = decode_image(path.read_bytes())
         if image is None:
-            skipped += 1
+            bad.append((name, stat))
             continue
         pending_images.append(image)
         pending.append((name, stat))
@@ -71,13 +76,14 @@ def build_or_load_index(scorer: Scorer, folder: str | Path, model_id: str,
             names.append(name)
             stats.append(stat)
             embeddings.append(vector)
-    if skipped:
-        print(f"dalle: skipped {skipped} unreadable pictures in {folder}", flush=True)
+    if bad:
+        print(f"dalle: skipped {len(bad)} unreadable pictures in {folder}", file=sys.stderr)
     if not names:
         return [], torch.zeros(0, scorer.embed_dim)
     stacked = torch.stack(embeddings).float().contiguous()
-    if to_embed or reused != len(old):
+    if to_embed or reused != len(old) or len(bad) != len(old_bad):
         index_dir.mkdir(exist_ok=True)
         save_file({"embeddings": stacked}, str(weights_path))
-        write_json_atomic(meta_path, {"model": model_id, "files": [[n, s] for n, s in zip(names, stats)]})
+        write_json_atomic(meta_path, {"model": model_id, "files": [[n, s] for n, s in zip(names, stats)],
+                                      "unreadable": [[n, s] for n, s in bad]})
     return [str(folder / name) for name in names], stacked
