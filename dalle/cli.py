@@ -62,12 +62,15 @@ def train_tokenizer(data: str, out: str, vocab_size: int = 512, n: int = 20000, 
     return Path(out)
 
 
-def _config(config: str | None, overrides: list[str] | None, run_dir: str | None = None):
+def _config(config: str | None, overrides: list[str] | None, run_dir: str | None = None,
+            max_bad_fraction: float | None = None):
     from dalle.config import load_config
 
     overrides = list(overrides or [])
     if run_dir:
         overrides.append(f"run_dir={run_dir}")
+    if max_bad_fraction is not None:
+        overrides.append(f"data.max_bad_fraction={max_bad_fraction}")
     return load_config(config, overrides)
 
 
@@ -75,30 +78,32 @@ def _resume(value: str) -> str | None:
     return None if value == "none" else value
 
 
-def train_vae(config: str, overrides: list[str] | None = None, resume: str = "auto", run_dir: str | None = None):
+def train_vae(config: str, overrides: list[str] | None = None, resume: str = "auto", run_dir: str | None = None,
+              max_bad_fraction: float | None = None):
     """Trains the dVAE (stage 1) and prints its reconstruction summary."""
     from dalle.stages import train_dvae
 
-    summary = train_dvae(_config(config, overrides, run_dir), resume=_resume(resume))
+    summary = train_dvae(_config(config, overrides, run_dir, max_bad_fraction), resume=_resume(resume))
     print(json.dumps(summary))
     return summary
 
 
-def train_clip(config: str, overrides: list[str] | None = None, resume: str = "auto", run_dir: str | None = None):
+def train_clip(config: str, overrides: list[str] | None = None, resume: str = "auto", run_dir: str | None = None,
+              max_bad_fraction: float | None = None):
     """Trains the CLIP used for reranking, classification and search."""
     from dalle.stages import train_clip as train
 
-    summary = train(_config(config, overrides, run_dir), resume=_resume(resume))
+    summary = train(_config(config, overrides, run_dir, max_bad_fraction), resume=_resume(resume))
     print(json.dumps(summary))
     return summary
 
 
 def train_transformer(config: str, overrides: list[str] | None = None, resume: str = "auto",
-                      run_dir: str | None = None):
+                      run_dir: str | None = None, max_bad_fraction: float | None = None):
     """Trains the transformer on captions and the frozen dVAE's codes."""
     from dalle.stages import train_transformer as train
 
-    summary = train(_config(config, overrides, run_dir), resume=_resume(resume))
+    summary = train(_config(config, overrides, run_dir, max_bad_fraction), resume=_resume(resume))
     print(json.dumps(summary))
     return summary
 
@@ -297,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="override a config value, e.g. --set train.dvae.lr=3e-4 (repeatable)")
         sub.add_argument("--run-dir", help="where the run writes (default: the config's run_dir)")
         sub.add_argument("--resume", default="auto", help="auto (newest checkpoint), none, or a checkpoint path")
+        sub.add_argument("--max-bad-fraction", type=float,
+                         help="stop with a message when more of the data files than this are broken")
 
     rec = commands.add_parser("reconstruct", help="encode + decode pictures with a dVAE")
     rec.add_argument("--model", required=True, help="a dVAE or pipeline directory")
@@ -391,11 +398,11 @@ def run(args: argparse.Namespace) -> object:
     if args.command == "train-tokenizer":
         return train_tokenizer(args.data, args.out, args.vocab_size, args.n, paraphrase_prob=args.paraphrase_prob)
     if args.command == "train-vae":
-        return train_vae(args.config, args.overrides, args.resume, args.run_dir)
+        return train_vae(args.config, args.overrides, args.resume, args.run_dir, args.max_bad_fraction)
     if args.command == "train-clip":
-        return train_clip(args.config, args.overrides, args.resume, args.run_dir)
+        return train_clip(args.config, args.overrides, args.resume, args.run_dir, args.max_bad_fraction)
     if args.command == "train":
-        return train_transformer(args.config, args.overrides, args.resume, args.run_dir)
+        return train_transformer(args.config, args.overrides, args.resume, args.run_dir, args.max_bad_fraction)
     if args.command == "reconstruct":
         return reconstruct(args.model, args.images, args.out)
     if args.command == "convert":

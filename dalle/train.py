@@ -238,6 +238,9 @@ def fit(model: torch.nn.Module, batches, step_fn: Callable, config: TrainConfig,
     ema = [p.detach().clone() for p in raw_model.parameters()] if config.ema > 0 else None
 
     start = 0
+    if accelerator.is_main_process and state_dir.is_dir():  # leftovers of a process killed mid-write
+        for stale in state_dir.glob(".step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     if resume:
         found = checkpoints(state_dir) if resume == "auto" else [(None, Path(resume))]
         if resume != "auto" and not (Path(resume) / "state.json").is_file():
@@ -310,6 +313,12 @@ def fit(model: torch.nn.Module, batches, step_fn: Callable, config: TrainConfig,
             bar.update(1)
             if step % config.log_every == 0 or step == config.steps:
                 elapsed = time.perf_counter() - started
+                if accelerator.num_processes > 1 and scalars:  # log the mean over every process's rows
+                    keys = sorted(scalars)
+                    means = accelerator.reduce(torch.tensor([scalars[k] for k in keys], device=accelerator.device),
+                                               "mean")
+                    scalars = dict(zip(keys, means.tolist()))
+                    last_loss = scalars.get("loss", last_loss)
                 record = {"step": step, "lr": scheduler.get_last_lr()[0], **scalars,
                           "items_per_s": items / elapsed if elapsed > 0 else 0.0, "skipped_steps": skipped_steps}
                 history.append(record)
