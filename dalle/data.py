@@ -14,10 +14,12 @@ import random
 import tarfile
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from dalle import shapes
@@ -74,6 +76,7 @@ class Source:
     """An iterable of (image, caption) pairs with a count of what was skipped."""
 
     name = "source"
+    splits_workers = False  # True where the records are already split across data-loader workers
 
     def __init__(self, config: DataConfig):
         self.config = config
@@ -81,11 +84,18 @@ class Source:
         self.yielded = 0
 
     def __iter__(self) -> Iterator[tuple[Image.Image, str]]:
-        for image, caption in self._pairs():
-            self.yielded += 1
-            yield image, caption
+        for record in self.records():
+            pair = self.convert(record)
+            if pair is not None:
+                self.yielded += 1
+                yield pair
 
-    def _pairs(self) -> Iterator[tuple[Image.Image, str]]:
+    def records(self) -> Iterator[Any]:
+        """The raw items in a fixed order, cheap to skip (paths, tar members, rows, indices)."""
+        raise NotImplementedError
+
+    def convert(self, record: Any) -> tuple[Image.Image, str] | None:
+        """A raw item as an (image, caption) pair, or None (counted in `skipped`)."""
         raise NotImplementedError
 
     def skip(self, reason: str) -> None:
@@ -116,11 +126,14 @@ class ShapesSource(Source):
         c = self.config
         return shapes.render(c.split, c.seed, self.start + index, c.size, c.paraphrase_prob)
 
-    def _pairs(self):
+    def records(self):
         index = 0
         while self.n is None or index < self.n:
-            yield self[index]
+            yield index
             index += 1
+
+    def convert(self, index: int):
+        return self[index]
 
 
 class DigitsSource(Source):
@@ -151,9 +164,11 @@ class DigitsSource(Source):
             template = rng.choice(DIGIT_TEMPLATES[1:])
         return to_square_rgb(image, self.config.size), template.format(word)
 
-    def _pairs(self):
-        for index in range(len(self)):
-            yield self[index]
+    def records(self):
+        return iter(range(len(self)))
+
+    def convert(self, index: int):
+        return self[index]
 
 
 class FolderSource(Source):
@@ -174,7 +189,10 @@ class FolderSource(Source):
     def __len__(self) -> int:
         return len(self.files)
 
-    def load(self, path: Path) -> tuple[Image.Image, str] | None:
+    def records(self):
+        return iter(self.files)
+
+    def convert(self, path: Path) -> tuple[Image.Image, str] | None:
         """One pair, or None (counted) if the image or its caption is unusable."""
         caption_path = path.with_suffix(".txt")
         if not caption_path.is_file():
@@ -189,12 +207,6 @@ class FolderSource(Source):
             self.skip("broken image")
             return None
         return to_square_rgb(image, self.config.size), caption
-
-    def _pairs(self):
-        for path in self.files:
-            pair = self.load(path)
-            if pair is not None:
-                yield pair
 
 
 class WebDatasetSource(Source):
@@ -231,25 +243,27 @@ class WebDatasetSource(Source):
         if current:
             yield current
 
-    def _pairs(self):
+    def records(self):
         for shard in self.shards:
-            for sample in self.samples(shard):
-                image_key = next((k for k in sample if "." + k in IMAGE_SUFFIXES), None)
-                if image_key is None:
-                    self.skip("no image member")
-                    continue
-                if "txt" not in sample:
-                    self.skip("missing caption")
-                    continue
-                caption = decode_caption(sample["txt"], self.rng)
-                if caption is None:
-                    self.skip("unusable caption")
-                    continue
-                image = decode_image(sample[image_key])
-                if image is None:
-                    self.skip("broken image")
-                    continue
-                yield to_square_rgb(image, self.config.size), caption
+            yield from self.samples(shard)
+
+    def convert(self, sample: dict[str, bytes]):
+        image_key = next((k for k in sample if "." + k in IMAGE_SUFFIXES), None)
+        if image_key is None:
+            self.skip("no image member")
+            return None
+        if "txt" not in sample:
+            self.skip("missing caption")
+            return None
+        caption = decode_caption(sample["txt"], self.rng)
+        if caption is None:
+            self.skip("unusable caption")
+            return None
+        image = decode_image(sample[image_key])
+        if image is None:
+            self.skip("broken image")
+            return None
+        return to_square_rgb(image, self.config.size), caption
 
 
 class HuggingFaceSource(Source):
@@ -275,24 +289,28 @@ class HuggingFaceSource(Source):
         except (FileNotFoundError, ValueError, ConnectionError) as error:
             raise DataError(f"cannot open hf:{name}: {str(error).splitlines()[0]}") from None
         self.rng = random.Random(config.seed)
+        # A streaming `datasets` dataset hands each data-loader worker its own shards itself.
+        self.splits_workers = config.streaming
 
-    def _pairs(self):
+    def records(self):
+        return iter(self.dataset)
+
+    def convert(self, row: dict[str, Any]):
         image_column, text_column = self.config.image_column, self.config.text_column
-        for row in self.dataset:
-            if image_column not in row or text_column not in row:
-                raise DataError(f"hf: rows have columns {sorted(row)}; set data.image_column / data.text_column")
-            image, text = row[image_column], row[text_column]
-            if isinstance(image, dict) and image.get("bytes"):
-                image = decode_image(image["bytes"])
-            if not isinstance(image, Image.Image):
-                self.skip("broken image")
-                continue
-            if isinstance(text, list):
-                text = self.rng.choice(text) if text else None
-            if not isinstance(text, str) or not text.strip():
-                self.skip("unusable caption")
-                continue
-            yield to_square_rgb(image, self.config.size), text.strip()
+        if image_column not in row or text_column not in row:
+            raise DataError(f"hf: rows have columns {sorted(row)}; set data.image_column / data.text_column")
+        image, text = row[image_column], row[text_column]
+        if isinstance(image, dict) and image.get("bytes"):
+            image = decode_image(image["bytes"])
+        if not isinstance(image, Image.Image):
+            self.skip("broken image")
+            return None
+        if isinstance(text, list):
+            text = self.rng.choice(text) if text else None
+        if not isinstance(text, str) or not text.strip():
+            self.skip("unusable caption")
+            return None
+        return to_square_rgb(image, self.config.size), text.strip()
 
 
 def open_source(spec: str | None, config: DataConfig, n: int | None = None) -> Source:
@@ -340,3 +358,30 @@ def export_folder(pairs, out: str | Path) -> int:
         (out / f"{index:05d}.txt").write_text(caption + "\n", encoding="utf-8")
         count += 1
     return count
+
+
+class ShardedStream(torch.utils.data.IterableDataset):
+    """One process's share of a source, split again across its data-loader workers.
+
+    Raw item k (in the source's fixed order) belongs to slot k mod (processes * workers),
+    so over one pass every item is read by exactly one (process, worker), whatever the
+    number or size of the shards. Items of other slots are skipped before decoding.
+    A streaming `datasets` dataset already gives each worker its own shards; then only
+    the processes are strided, which again reads every item exactly once.
+    """
+
+    def __init__(self, open_source_fn: Callable[[], Source], process_index: int = 0, num_processes: int = 1):
+        self.open_source_fn = open_source_fn
+        self.process_index, self.num_processes = process_index, num_processes
+
+    def __iter__(self):
+        source = self.open_source_fn()
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info and not source.splits_workers else (0, 1)
+        slots = self.num_processes * workers
+        slot = self.process_index * workers + worker
+        for k, record in enumerate(source.records()):
+            if k % slots == slot:
+                pair = source.convert(record)
+                if pair is not None:
+                    yield np.asarray(pair[0], dtype=np.uint8), pair[1]

@@ -21,11 +21,11 @@ import torch
 from tqdm.auto import tqdm
 
 from dalle import shapes
-from dalle.config import Config
-from dalle.data import open_source, take
+from dalle.config import Config, TrainConfig
+from dalle.data import ShardedStream, open_source, take
 from dalle.errors import DalleError
 from dalle.tokenizer import Tokenizer, load_tokenizer, train_bpe
-from dalle.train import FunctionBatches, TableBatches, fit
+from dalle.train import FunctionBatches, MappedBatches, StreamBatches, TableBatches, fit
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -81,10 +81,24 @@ def shapes_batch_maker(config: Config):
     return make
 
 
-def image_caption_batches(config: Config, batch_size: int, seed: int, progress: bool = True):
+def is_streaming(config: Config) -> bool:
+    return config.data.streaming or config.data.source.startswith("wds:")
+
+
+def image_caption_batches(config: Config, train: TrainConfig, progress: bool = True):
     """Deterministic batches of {"images": uint8, "captions": list[str]} for a stage."""
+    batch_size, seed = train.batch_size, train.seed
     if config.data.source == "shapes" and not config.data.n:
         return FunctionBatches(shapes_batch_maker(config), batch_size)
+    if is_streaming(config):  # each process reads its own share: batch_size / processes rows
+        from accelerate import PartialState
+
+        state = PartialState()
+        if batch_size % state.num_processes:
+            raise DalleError(f"batch_size {batch_size} does not split over {state.num_processes} processes")
+        stream = ShardedStream(lambda: open_source(config.data.source, config.data), state.process_index,
+                               state.num_processes)
+        return StreamBatches(stream, batch_size // state.num_processes, train.num_workers)
     images, captions = load_table(config, progress=progress)
     return TableBatches({"images": images, "captions": captions}, batch_size, seed)
 
@@ -122,7 +136,7 @@ def train_dvae(config: Config, resume: str | None = "auto", progress: bool = Tru
     train = config.train.dvae
     torch.manual_seed(train.seed)
     model = DVAE(config.dvae)
-    batches = image_caption_batches(config, train.batch_size, train.seed, progress)
+    batches = image_caption_batches(config, train, progress)
 
     def step_fn(model, batch, step):
         out = model(to_float(batch["images"]), temperature_at(config.dvae, step), kl_weight_at(config.dvae, step))
@@ -189,7 +203,7 @@ def train_clip(config: Config, resume: str | None = "auto", progress: bool = Tru
     train = config.train.clip
     torch.manual_seed(train.seed)
     model = CLIP(clip_config)
-    batches = image_caption_batches(config, train.batch_size, train.seed, progress)
+    batches = image_caption_batches(config, train, progress)
 
     def step_fn(model, batch, step):
         out = model(tokenizer.encode(batch["captions"]), to_float(batch["images"]))
@@ -254,20 +268,16 @@ def train_transformer(config: Config, resume: str | None = "auto", progress: boo
         with torch.no_grad():  # not inference_mode: these codes are inputs of autograd later
             return encode(dvae, to_float(images)).flatten(1)  # (B, h*w)
 
-    if config.data.source == "shapes" and not config.data.n:
-        make_images = shapes_batch_maker(config)
-
-        def make(indices):
-            batch = make_images(indices)
-            return {"codes": codes_of(batch["images"]), "captions": batch["captions"]}
-
-        batches = FunctionBatches(make, train.batch_size)
-    else:
-        images, captions = load_table(config, progress=progress)
+    batches = image_caption_batches(config, train, progress)
+    if isinstance(batches, TableBatches):  # a fixed table: encode every picture once
+        images = batches.columns["images"]
         codes = torch.cat([codes_of(images[i : i + 256]) for i in
                            tqdm(range(0, len(images), 256), desc="encoding images", disable=not progress,
                                 leave=False)])
-        batches = TableBatches({"codes": codes, "captions": captions}, train.batch_size, train.seed)
+        batches = TableBatches({"codes": codes, "captions": batches.columns["captions"]}, train.batch_size,
+                               train.seed)
+    else:  # endless or streaming: encode each batch as it comes
+        batches = MappedBatches(batches, lambda b: {"codes": codes_of(b["images"]), "captions": b["captions"]})
 
     def step_fn(model, batch, step):
         text = drop_captions(train_tokenizer.encode(batch["captions"]), model_config.caption_dropout,

@@ -97,6 +97,63 @@ class FunctionBatches:
         return self.make(list(range(step * self.batch_size, (step + 1) * self.batch_size)))
 
 
+@dataclass
+class MappedBatches:
+    """Another batch source with a function applied to each batch (e.g. images -> dVAE codes)."""
+
+    inner: Any
+    fn: Callable[[dict[str, Any]], dict[str, Any]]
+
+    @property
+    def sharded(self) -> bool:
+        return getattr(self.inner, "sharded", False)
+
+    def batch_at(self, step: int) -> dict[str, Any]:
+        return self.fn(self.inner.batch_at(step))
+
+
+def collate_pairs(items: list[tuple[np.ndarray, str]]) -> dict[str, Any]:
+    """(H, W, 3) uint8 arrays + captions -> {"images": uint8 (B, 3, H, W), "captions": [...]}."""
+    images = torch.from_numpy(np.stack([image for image, _ in items])).permute(0, 3, 1, 2).contiguous()
+    return {"images": images, "captions": [caption for _, caption in items]}
+
+
+class StreamBatches:
+    """Batches read in order from a streaming source; each process reads only its own share.
+
+    `batch_at(step)` expects steps in order; asked for another step (a resumed run), it
+    restarts the stream and skips to it, so the data position is the step itself. When
+    the stream ends, the next epoch starts from its beginning.
+    """
+
+    sharded = True
+
+    def __init__(self, dataset: torch.utils.data.IterableDataset, batch_size: int, num_workers: int = 0):
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                                  collate_fn=collate_pairs)
+        self._iterator = None
+        self._position = 0
+
+    def _next(self) -> dict[str, Any]:
+        try:
+            return next(self._iterator)
+        except StopIteration:  # a new epoch
+            self._iterator = iter(self.loader)
+            try:
+                return next(self._iterator)
+            except StopIteration:
+                raise TrainingError("the data stream is empty: no usable pairs") from None
+
+    def batch_at(self, step: int) -> dict[str, Any]:
+        if self._iterator is None or step != self._position:
+            self._iterator, self._position = iter(self.loader), 0
+            while self._position < step:
+                self._next()
+                self._position += 1
+        self._position += 1
+        return self._next()
+
+
 def shard(batch: dict[str, Any], index: int, count: int) -> dict[str, Any]:
     """This process's rows of a global batch (rows index, index + count, ...)."""
     if count == 1:
@@ -277,7 +334,8 @@ def fit(model: torch.nn.Module, batches, step_fn: Callable, config: TrainConfig,
             scalars: dict[str, float] = {}
             for micro in range(config.grad_accum):
                 global_batch = batches.batch_at(step * config.grad_accum + micro)
-                batch = shard(global_batch, accelerator.process_index, accelerator.num_processes)
+                batch = global_batch if getattr(batches, "sharded", False) else shard(
+                    global_batch, accelerator.process_index, accelerator.num_processes)
                 with accelerator.autocast():
                     out = step_fn(model, batch, step)
                 loss = out["loss"]
