@@ -129,7 +129,7 @@ def prepare_tokenizer(config: Config, retrain: bool = False) -> Tokenizer:
 
 def train_dvae(config: Config, resume: str | None = "auto", progress: bool = True, stop_after: int | None = None):
     """Trains the dVAE on the data's images and writes run_dir/dvae; returns its summary."""
-    from dalle.dvae import DVAE, kl_weight_at, save_dvae, temperature_at
+    from dalle.dvae import DVAE, kl_weight_at, temperature_at
 
     if config.dvae.image_size != config.data.size:
         raise DalleError(f"dvae.image_size ({config.dvae.image_size}) must equal data.size ({config.data.size})")
@@ -142,8 +142,8 @@ def train_dvae(config: Config, resume: str | None = "auto", progress: bool = Tru
         out = model(to_float(batch["images"]), temperature_at(config.dvae, step), kl_weight_at(config.dvae, step))
         return {k: v for k, v in out.items() if k in ("loss", "recon_loss", "kl")}
 
-    result = fit(model, batches, step_fn, train, config.run_dir, "dvae", lambda m, d: save_dvae(m, d),
-                 resume=resume, items_per_batch=lambda b: len(b["images"]), progress=progress, stop_after=stop_after)
+    result = fit(model, batches, step_fn, train, config.run_dir, "dvae", resume=resume,
+                 items_per_batch=lambda b: len(b["images"]), progress=progress, stop_after=stop_after)
     if result.stopped_early:
         return {"stopped_early": True, "steps": result.steps}
     summary = evaluate_dvae(config, progress=progress)
@@ -195,7 +195,7 @@ def evaluate_dvae(config: Config, n: int = 500, progress: bool = True) -> dict[s
 
 def train_clip(config: Config, resume: str | None = "auto", progress: bool = True, stop_after: int | None = None):
     """Trains a CLIP on the data's (image, caption) pairs and writes run_dir/clip."""
-    from dalle.clip import CLIP, save_clip
+    from dalle.clip import CLIP
 
     tokenizer = prepare_tokenizer(config)
     clip_config = replace(config.clip, text_len=tokenizer.text_len, text_vocab=tokenizer.total_vocab,
@@ -209,8 +209,8 @@ def train_clip(config: Config, resume: str | None = "auto", progress: bool = Tru
         out = model(tokenizer.encode(batch["captions"]), to_float(batch["images"]))
         return {"loss": out["loss"]}
 
-    result = fit(model, batches, step_fn, train, config.run_dir, "clip", lambda m, d: save_clip(m, d),
-                 resume=resume, items_per_batch=lambda b: len(b["images"]), progress=progress, stop_after=stop_after)
+    result = fit(model, batches, step_fn, train, config.run_dir, "clip", resume=resume,
+                 items_per_batch=lambda b: len(b["images"]), progress=progress, stop_after=stop_after)
     summary: dict[str, Any] = {"train_seconds": round(result.seconds, 1), "steps": result.steps}
     if not result.stopped_early and config.data.source == "shapes":
         summary.update(evaluate_clip_shapes(config))
@@ -250,7 +250,7 @@ def train_transformer(config: Config, resume: str | None = "auto", progress: boo
                       stop_after: int | None = None):
     """Trains the transformer on (caption, frozen-dVAE codes) and writes run_dir/transformer."""
     from dalle.dvae import encode, load_dvae
-    from dalle.transformer import DalleTransformer, drop_captions, save_transformer
+    from dalle.transformer import DalleTransformer, drop_captions
 
     run_dir = Path(config.run_dir)
     if not (run_dir / "dvae" / "config.json").is_file():
@@ -286,7 +286,7 @@ def train_transformer(config: Config, resume: str | None = "auto", progress: boo
         return {k: out[k] for k in ("loss", "text_loss", "image_loss")}
 
     tokens = model_config.text_len + model_config.image_grid**2
-    result = fit(model, batches, step_fn, train, run_dir, "transformer", lambda m, d: save_transformer(m, d),
-                 resume=resume, items_per_batch=lambda b: len(b["codes"]) * tokens, progress=progress,
+    result = fit(model, batches, step_fn, train, run_dir, "transformer", resume=resume,
+                 items_per_batch=lambda b: len(b["codes"]) * tokens, progress=progress,
                  stop_after=stop_after)
     return {"train_seconds": round(result.seconds, 1), "steps": result.steps, "last_loss": result.last_loss}

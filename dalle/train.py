@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from dalle.checkpoint import atomic_directory, state_for_saving, write_json_atomic
+from dalle.checkpoint import atomic_directory, save_model, state_for_saving, write_json_atomic
 from dalle.config import TrainConfig
 from dalle.errors import DalleError
 
@@ -256,7 +256,7 @@ class FitResult:
 
 
 def fit(model: torch.nn.Module, batches, step_fn: Callable, config: TrainConfig, run_dir: str | Path, stage: str,
-        save_fn: Callable[[torch.nn.Module, Path], Any], *, resume: str | None = "auto",
+        save_fn: Callable[[torch.nn.Module, Path], Any] | None = None, *, resume: str | None = "auto",
         items_per_batch: Callable[[dict], int] | None = None, on_log: Callable | None = None,
         progress: bool = True, stop_after: int | None = None) -> FitResult:
     """Trains `model` for `config.steps` optimizer steps and saves it to run_dir/stage.
@@ -268,7 +268,9 @@ def fit(model: torch.nn.Module, batches, step_fn: Callable, config: TrainConfig,
         config: the stage's TrainConfig.
         run_dir: the run (pipeline) directory.
         stage: "dvae", "clip" or "transformer": names the model, state and log paths.
-        save_fn: (unwrapped model, directory) -> None, writes the final model directory.
+        save_fn: (unwrapped model, directory) -> None, writes the final model directory;
+            default: a model directory of kind `stage` from the consolidated weights (which
+            also gathers an FSDP-sharded model into one safetensors file).
         resume: "auto" (newest complete checkpoint, if any), a checkpoint path, or None.
         items_per_batch: counts what the throughput shows (tokens, images) for a batch.
         on_log: called with each log record (a dict), e.g. to draw sample grids.
@@ -403,14 +405,18 @@ def fit(model: torch.nn.Module, batches, step_fn: Callable, config: TrainConfig,
 
     if not stopped_early:
         accelerator.wait_for_everyone()
+        if ema is not None:  # the published model is the moving average
+            with torch.no_grad():
+                for param, average in zip(raw_model.parameters(), ema):
+                    param.copy_(average)
+        full_state = accelerator.get_state_dict(model)  # collective: every process takes part
         if accelerator.is_main_process:
-            if ema is not None:  # the published model is the moving average
-                with torch.no_grad():
-                    for param, average in zip(raw_model.parameters(), ema):
-                        param.copy_(average)
             save_training_state(state_dir, step, raw_model, optimizer, scheduler, None, config.keep_checkpoints,
                                 accelerator)
-            save_fn(raw_model, run_dir / stage)
+            if save_fn is not None:
+                save_fn(raw_model, run_dir / stage)
+            else:
+                save_model(raw_model, raw_model.config, run_dir / stage, stage, state=full_state)
     return FitResult(step, last_loss, time.perf_counter() - started, skipped_steps, stopped_early, history)
 
 
