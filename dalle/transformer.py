@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from dalle.checkpoint import load_model, save_model
 from dalle.config import TransformerConfig
 from dalle.errors import DalleError
-from dalle.masks import build_mask, flex_mask_mod, layer_patterns
+from dalle.masks import build_mask, flex_mask_mod, image_key_slice, layer_patterns
 
 KIND = "transformer"
 
@@ -104,16 +104,20 @@ class Attention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: Tensor, mask: Tensor | None, cache: tuple[Tensor, Tensor] | None = None,
-                start: int = 0, block_mask=None) -> Tensor:
+                start: int = 0, block_mask=None, sparse_keys: tuple | None = None) -> Tensor:
         """Attends the queries at stream positions `start .. start + T - 1`.
 
         Args:
             x: (B, T, D) the hidden states at those positions.
-            mask: (T, start + T) boolean, True = attend (ignored when `block_mask` is given).
+            mask: (T, start + T) boolean, True = attend (ignored when `block_mask` or
+                `sparse_keys` is given).
             cache: this layer's (keys, values) buffers; the new keys and values are written
                 at `start ..` and the queries attend to everything cached up to them.
             start: the stream position of `x[:, 0]`.
             block_mask: a FlexAttention BlockMask for the whole (T, T) stream (start = 0).
+            sparse_keys: for one decoded image query, `(text_len, image_slice, allowed)`:
+                read only the text keys and the cache slice `image_slice` (stream
+                positions), masked by `allowed` ((n,) bool) when the slice has holes.
         """
         batch, length, dim = x.shape
         qkv = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim)  # (B, T, 3, H, hd)
@@ -125,7 +129,9 @@ class Attention(nn.Module):
             k = keys[:, :, :start + length]  # (B, H, start + T, hd)
             v = values[:, :, :start + length]
         dropout = self.dropout if self.training else 0.0
-        if block_mask is not None:
+        if sparse_keys is not None:
+            out = _sparse_decode_attention(q, k, v, *sparse_keys)  # (B, H, 1, hd)
+        elif block_mask is not None:
             out = _flex_attention(q, k, v, block_mask)  # (B, H, T, hd)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, H, T, hd)
@@ -149,8 +155,8 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None, cache: tuple[Tensor, Tensor] | None = None,
-                start: int = 0, block_mask=None) -> Tensor:
-        x = x + self.dropout(self.attn(self.ln1(x), mask, cache, start, block_mask))  # (B, T, D)
+                start: int = 0, block_mask=None, sparse_keys: tuple | None = None) -> Tensor:
+        x = x + self.dropout(self.attn(self.ln1(x), mask, cache, start, block_mask, sparse_keys))  # (B, T, D)
         return x + self.dropout(self.mlp(self.ln2(x)))  # (B, T, D)
 
 
@@ -160,6 +166,9 @@ class DalleTransformer(nn.Module):
     Attributes:
         attention_backend: "auto" (FlexAttention on CUDA, SDPA elsewhere), "sdpa" or
             "flex"; a runtime choice, not saved, that never changes the result.
+        sparse_decode: True (default): `decode_step` reads from the cache only the keys
+            each layer's pattern allows (text + one slice of image keys); False: the
+            whole cache through the dense mask row. Same result; a runtime choice.
     """
 
     def __init__(self, config: TransformerConfig):
@@ -171,6 +180,7 @@ class DalleTransformer(nn.Module):
         self.max_len = self.text_len + self.image_len - 1  # the last image token is never an input
         self.patterns = layer_patterns(config.attention, config.depth)
         self.attention_backend = "auto"
+        self.sparse_decode = True  # decode_step reads only the keys each layer's mask allows
 
         self.text_emb = nn.Embedding(config.text_vocab, config.dim)
         self.text_pos = nn.Parameter(torch.zeros(config.text_len, config.dim))
@@ -337,12 +347,53 @@ class DalleTransformer(nn.Module):
             cache: filled by `prefill` and earlier steps; extended in place.
         """
         start = self.text_len + index
+        if not 0 <= index < self.image_len - 1:
+            raise DalleError(f"decode_step index must be in [0, {self.image_len - 1}), got {index}")
         if cache.length != start:
             raise DalleError(f"cache holds {cache.length} positions, decode_step({index}) needs {start}")
         position = self.image_row[index // self.grid] + self.image_col[index % self.grid]  # (D,), as in embed
         x = self.image_emb(token)[:, None, :] + position  # (B, 1, D)
-        h = self.hidden(x, cache, start)  # (B, 1, D)
+        if self.sparse_decode:
+            for layer, block in enumerate(self.blocks):
+                x = block(x, None, cache.layer(layer), start, sparse_keys=self._sparse_keys(layer, index))
+            cache.length = start + 1
+            h = self.ln_f(x)  # (B, 1, D)
+        else:
+            h = self.hidden(x, cache, start)  # (B, 1, D)
         return self.image_head(h[:, 0])  # (B, Vi)
+
+    def _sparse_keys(self, layer: int, index: int) -> tuple[int, slice, Tensor | None]:
+        """What image query `index` reads in `layer`: the text, one slice of image keys."""
+        image_slice, holes = image_key_slice(self.patterns[layer], index, self.grid, self.config.conv_kernel)
+        text_len = self.text_len
+        stream_slice = slice(text_len + image_slice.start, text_len + image_slice.stop, image_slice.step)
+        allowed = self.masks[self.layer_mask[layer], text_len + index, stream_slice] if holes else None  # (n,)
+        return text_len, stream_slice, allowed
+
+
+def _sparse_decode_attention(q: Tensor, keys: Tensor, values: Tensor, text_len: int, image_slice: slice,
+                             allowed: Tensor | None) -> Tensor:
+    """One query per row over the text keys plus one slice of image keys.
+
+    Equal to masked attention over the whole cache, but reads only the keys the layer's
+    pattern lets the query see (decoding is bound by memory reads, not arithmetic).
+
+    Args:
+        q: (B, H, 1, hd) the query.
+        keys, values: (B, H, >= stop, hd) the cache up to and including the query.
+        text_len: the text keys are positions 0 .. text_len - 1.
+        image_slice: the image keys, as a slice of stream positions.
+        allowed: (n,) which keys of the slice are attended, or None for all.
+    """
+    q = q * q.shape[-1] ** -0.5
+    text_k, text_v = keys[:, :, :text_len], values[:, :, :text_len]  # (B, H, L, hd)
+    image_k, image_v = keys[:, :, image_slice], values[:, :, image_slice]  # (B, H, n, hd)
+    image_scores = q @ image_k.transpose(-1, -2)  # (B, H, 1, n)
+    if allowed is not None:
+        image_scores = image_scores.masked_fill(~allowed, float("-inf"))
+    scores = torch.cat([q @ text_k.transpose(-1, -2), image_scores], dim=-1)  # (B, H, 1, L + n)
+    probs = scores.softmax(dim=-1)
+    return probs[..., :text_len] @ text_v + probs[..., text_len:] @ image_v  # (B, H, 1, hd)
 
 
 def _flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
