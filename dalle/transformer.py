@@ -84,7 +84,8 @@ class KVCache:
 
     def __init__(self, depth: int, batch: int, heads: int, max_len: int, head_dim: int,
                  device=None, dtype: torch.dtype = torch.float32):
-        self.data = torch.zeros(depth, 2, batch, heads, max_len, head_dim, device=device, dtype=dtype)
+        # Uninitialised on purpose: every slot is written before it is read.
+        self.data = torch.empty(depth, 2, batch, heads, max_len, head_dim, device=device, dtype=dtype)
         self.length = 0
 
     def layer(self, index: int) -> tuple[Tensor, Tensor]:
