@@ -115,7 +115,8 @@ class Attention(nn.Module):
             cache: this layer's (keys, values) buffers; the new keys and values are written
                 at `start ..` and the queries attend to everything cached up to them.
             start: the stream position of `x[:, 0]`.
-            block_mask: a FlexAttention BlockMask for the whole (T, T) stream (start = 0).
+            block_mask: a FlexAttention BlockMask for the whole (T, T) stream (start = 0);
+                FlexAttention applies no attention dropout (residual dropout still applies).
             sparse_keys: for one decoded image query, `(text_len, image_slice, allowed)`:
                 read only the text keys and the cache slice `image_slice` (stream
                 positions), masked by `allowed` ((n,) bool) when the slice has holes.
@@ -312,7 +313,10 @@ class DalleTransformer(nn.Module):
         h = self.hidden(self.embed(text, inputs))  # (B, L + min(n, N - 1), D)
         logits_text = self.text_head(h[:, :self.text_len - 1])  # (B, L - 1, Vt)
         logits_image = self.image_head(h[:, self.text_len - 1:])  # (B, min(n + 1, N), Vi)
-        text_loss = F.cross_entropy(logits_text.flatten(0, 1).float(), text[:, 1:].flatten())
+        if self.text_len > 1:
+            text_loss = F.cross_entropy(logits_text.flatten(0, 1).float(), text[:, 1:].flatten())
+        else:  # a one-token text block has no text target
+            text_loss = logits_text.new_zeros((), dtype=torch.float32)
         if n > 0:
             image_loss = F.cross_entropy(logits_image[:, :n].flatten(0, 1).float(), image.flatten())
         else:
