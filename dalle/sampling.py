@@ -130,12 +130,12 @@ def sample_image_codes(model: DalleTransformer, text: Tensor, *, num_candidates:
     config = model.config
     device = model.text_emb.weight.device
     _check_sampling_args(model, text, prime, num_candidates, temperature, top_k, top_p, batch_size)
-    rows_text = text.to(device).repeat_interleave(num_candidates, dim=0)  # (R, L)
+    rows_text = text.to(device, torch.long).repeat_interleave(num_candidates, dim=0)  # (R, L)
     rows = rows_text.shape[0]
     n_image = model.image_len
     rows_prime = None
     if prime is not None:
-        rows_prime = prime.to(device).repeat_interleave(num_candidates, dim=0)  # (R, k)
+        rows_prime = prime.to(device, torch.long).repeat_interleave(num_candidates, dim=0)  # (R, k)
 
     generator = None
     if seed is not None:

@@ -128,8 +128,9 @@ class Attention(nn.Module):
             keys, values = cache
             keys[:, :, start:start + length] = k
             values[:, :, start:start + length] = v
-            k = keys[:, :, :start + length]  # (B, H, start + T, hd)
-            v = values[:, :, :start + length]
+            if start > 0:  # from position 0 the fresh keys are the whole story
+                k = keys[:, :, :start + length]  # (B, H, start + T, hd)
+                v = values[:, :, :start + length]
         dropout = self.dropout if self.training else 0.0
         if sparse_keys is not None:
             out = _sparse_decode_attention(q, k, v, *sparse_keys)  # (B, H, 1, hd)
