@@ -91,7 +91,10 @@ def choose_tokens(logits: Tensor, uniforms: Tensor, temperature: float = 1.0, to
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = top_p_filter(top_k_filter(apply_temperature(logits.float(), temperature), top_k), top_p)
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = apply_temperature(logits, temperature)
+    logits = top_p_filter(top_k_filter(logits, top_k), top_p)
     cdf = F.softmax(logits, dim=-1).cumsum(dim=-1)  # (R, V)
     target = uniforms[:, None].to(cdf) * cdf[:, -1:]  # (R, 1)
     tokens = torch.searchsorted(cdf, target, right=True)[:, 0]  # (R,)

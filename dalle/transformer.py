@@ -105,21 +105,17 @@ class Attention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: Tensor, mask: Tensor | None, cache: tuple[Tensor, Tensor] | None = None,
-                start: int = 0, block_mask=None, sparse_keys: tuple | None = None) -> Tensor:
+                start: int = 0, block_mask=None) -> Tensor:
         """Attends the queries at stream positions `start .. start + T - 1`.
 
         Args:
             x: (B, T, D) the hidden states at those positions.
-            mask: (T, start + T) boolean, True = attend (ignored when `block_mask` or
-                `sparse_keys` is given).
+            mask: (T, start + T) boolean, True = attend (ignored when `block_mask` is given).
             cache: this layer's (keys, values) buffers; the new keys and values are written
                 at `start ..` and the queries attend to everything cached up to them.
             start: the stream position of `x[:, 0]`.
             block_mask: a FlexAttention BlockMask for the whole (T, T) stream (start = 0);
                 FlexAttention applies no attention dropout (residual dropout still applies).
-            sparse_keys: for one decoded image query, `(text_len, image_slice, allowed)`:
-                read only the text keys and the cache slice `image_slice` (stream
-                positions), masked by `allowed` ((n,) bool) when the slice has holes.
         """
         batch, length, dim = x.shape
         qkv = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim)  # (B, T, 3, H, hd)
@@ -132,14 +128,33 @@ class Attention(nn.Module):
                 k = keys[:, :, :start + length]  # (B, H, start + T, hd)
                 v = values[:, :, :start + length]
         dropout = self.dropout if self.training else 0.0
-        if sparse_keys is not None:
-            out = _sparse_decode_attention(q, k, v, *sparse_keys)  # (B, H, 1, hd)
-        elif block_mask is not None:
+        if block_mask is not None:
             out = _flex_attention(q, k, v, block_mask)  # (B, H, T, hd)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, H, T, hd)
         out = out.transpose(1, 2).reshape(batch, length, dim)  # (B, T, D)
         return self.proj(out)
+
+    def decode(self, x: Tensor, cache: tuple[Tensor, Tensor], start: int, text_len: int, image_slice: slice,
+               allowed: Tensor | None) -> Tensor:
+        """`forward` for one decoded position that reads only the keys its pattern allows.
+
+        Args:
+            x: (B, 1, D) the hidden state at stream position `start`.
+            cache: this layer's (keys, values); position `start` is written here.
+            start: the stream position.
+            text_len: text keys are positions `0 .. text_len - 1`.
+            image_slice: the image keys this query may see, as a slice of stream positions.
+            allowed: (n,) which keys of the slice are attended, or None for all.
+        """
+        batch = x.shape[0]
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias)  # (B, 1, 3D)
+        q, k, v = qkv.view(batch, 3, self.heads, 1, self.head_dim).unbind(1)  # each (B, H, 1, hd); T = 1
+        keys, values = cache
+        keys.narrow(2, start, 1).copy_(k)
+        values.narrow(2, start, 1).copy_(v)
+        out = _sparse_decode_attention(q, keys, values, text_len, image_slice, allowed)  # (B, H, 1, hd)
+        return F.linear(out.reshape(batch, 1, -1), self.proj.weight, self.proj.bias)  # (B, 1, D); T = 1
 
 
 class Block(nn.Module):
@@ -158,9 +173,21 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None, cache: tuple[Tensor, Tensor] | None = None,
-                start: int = 0, block_mask=None, sparse_keys: tuple | None = None) -> Tensor:
-        x = x + self.dropout(self.attn(self.ln1(x), mask, cache, start, block_mask, sparse_keys))  # (B, T, D)
+                start: int = 0, block_mask=None) -> Tensor:
+        x = x + self.dropout(self.attn(self.ln1(x), mask, cache, start, block_mask))  # (B, T, D)
         return x + self.dropout(self.mlp(self.ln2(x)))  # (B, T, D)
+
+    def decode(self, x: Tensor, cache: tuple[Tensor, Tensor], start: int, sparse_keys: tuple) -> Tensor:
+        """`forward` (in eval mode) for one decoded position with `Attention.decode`.
+
+        Written with functional calls: at decoding sizes a step costs mostly per-call
+        overhead, and module calls add to it.
+        """
+        ln1, ln2, fc1, fc2 = self.ln1, self.ln2, self.mlp[0], self.mlp[2]
+        h = F.layer_norm(x, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps)  # (B, 1, D)
+        x = x + self.attn.decode(h, cache, start, *sparse_keys)
+        h = F.layer_norm(x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
+        return x + F.linear(F.gelu(F.linear(h, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)  # (B, 1, D)
 
 
 class DalleTransformer(nn.Module):
@@ -361,7 +388,7 @@ class DalleTransformer(nn.Module):
         x = self.image_emb(token)[:, None, :] + position  # (B, 1, D)
         if self.sparse_decode:
             for layer, block in enumerate(self.blocks):
-                x = block(x, None, cache.layer(layer), start, sparse_keys=self._sparse_keys(layer, index))
+                x = block.decode(x, cache.layer(layer), start, self._sparse_keys(layer, index))
             cache.length = start + 1
             h = self.ln_f(x)  # (B, 1, D)
         else:
