@@ -106,6 +106,31 @@ def build_mask(pattern: str, text_len: int, grid: int, kernel: int = 11, device=
     return allowed(positions[:, None], positions[None, :], pattern, text_len, grid, kernel)  # (T, T)
 
 
+def image_key_slice(pattern: str, index: int, grid: int, kernel: int = 11) -> tuple[slice, bool]:
+    """The image keys of image query `index`, as one slice of image indices.
+
+    Decoding reads only these keys (and the text) from the cache instead of every earlier
+    position: the previous `grid + 1` tokens for `row`, a strided slice for `column`, the
+    span of the window for `conv`.
+
+    Returns:
+        The slice (over image indices `0 .. index`) and whether it has holes, i.e.
+        positions the mask excludes (only `conv`'s span has them); without holes every
+        key in the slice is attended.
+    """
+    if pattern == "causal":
+        return slice(0, index + 1), False
+    if pattern == "row":
+        return slice(max(0, index - grid), index + 1), False
+    if pattern == "column":
+        return slice(index % grid, index + 1, grid), False
+    if pattern == "conv":
+        half = kernel // 2
+        first = max(0, index - half * grid - half)
+        return slice(first, index + 1), first < index - half
+    raise DalleError(f"unknown attention pattern {pattern!r} (causal, row, column or conv)")
+
+
 def reference_mask(pattern: str, text_len: int, grid: int, kernel: int = 11) -> Tensor:
     """The same mask as `build_mask`, built slowly position by position (for the tests)."""
     n_image = grid * grid

@@ -91,7 +91,10 @@ def choose_tokens(logits: Tensor, uniforms: Tensor, temperature: float = 1.0, to
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = top_p_filter(top_k_filter(apply_temperature(logits.float(), temperature), top_k), top_p)
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = apply_temperature(logits, temperature)
+    logits = top_p_filter(top_k_filter(logits, top_k), top_p)
     cdf = F.softmax(logits, dim=-1).cumsum(dim=-1)  # (R, V)
     target = uniforms[:, None].to(cdf) * cdf[:, -1:]  # (R, 1)
     tokens = torch.searchsorted(cdf, target, right=True)[:, 0]  # (R,)
@@ -130,12 +133,12 @@ def sample_image_codes(model: DalleTransformer, text: Tensor, *, num_candidates:
     config = model.config
     device = model.text_emb.weight.device
     _check_sampling_args(model, text, prime, num_candidates, temperature, top_k, top_p, batch_size)
-    rows_text = text.to(device).repeat_interleave(num_candidates, dim=0)  # (R, L)
+    rows_text = text.to(device, torch.long).repeat_interleave(num_candidates, dim=0)  # (R, L)
     rows = rows_text.shape[0]
     n_image = model.image_len
     rows_prime = None
     if prime is not None:
-        rows_prime = prime.to(device).repeat_interleave(num_candidates, dim=0)  # (R, k)
+        rows_prime = prime.to(device, torch.long).repeat_interleave(num_candidates, dim=0)  # (R, k)
 
     generator = None
     if seed is not None:

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from dalle.checkpoint import load_model, save_model
 from dalle.config import TransformerConfig
 from dalle.errors import DalleError
-from dalle.masks import build_mask, flex_mask_mod, layer_patterns
+from dalle.masks import build_mask, flex_mask_mod, image_key_slice, layer_patterns
 
 KIND = "transformer"
 
@@ -84,7 +84,8 @@ class KVCache:
 
     def __init__(self, depth: int, batch: int, heads: int, max_len: int, head_dim: int,
                  device=None, dtype: torch.dtype = torch.float32):
-        self.data = torch.zeros(depth, 2, batch, heads, max_len, head_dim, device=device, dtype=dtype)
+        # Uninitialised on purpose: every slot is written before it is read.
+        self.data = torch.empty(depth, 2, batch, heads, max_len, head_dim, device=device, dtype=dtype)
         self.length = 0
 
     def layer(self, index: int) -> tuple[Tensor, Tensor]:
@@ -113,7 +114,8 @@ class Attention(nn.Module):
             cache: this layer's (keys, values) buffers; the new keys and values are written
                 at `start ..` and the queries attend to everything cached up to them.
             start: the stream position of `x[:, 0]`.
-            block_mask: a FlexAttention BlockMask for the whole (T, T) stream (start = 0).
+            block_mask: a FlexAttention BlockMask for the whole (T, T) stream (start = 0);
+                FlexAttention applies no attention dropout (residual dropout still applies).
         """
         batch, length, dim = x.shape
         qkv = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim)  # (B, T, 3, H, hd)
@@ -122,8 +124,9 @@ class Attention(nn.Module):
             keys, values = cache
             keys[:, :, start:start + length] = k
             values[:, :, start:start + length] = v
-            k = keys[:, :, :start + length]  # (B, H, start + T, hd)
-            v = values[:, :, :start + length]
+            if start > 0:  # from position 0 the fresh keys are the whole story
+                k = keys[:, :, :start + length]  # (B, H, start + T, hd)
+                v = values[:, :, :start + length]
         dropout = self.dropout if self.training else 0.0
         if block_mask is not None:
             out = _flex_attention(q, k, v, block_mask)  # (B, H, T, hd)
@@ -131,6 +134,27 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, H, T, hd)
         out = out.transpose(1, 2).reshape(batch, length, dim)  # (B, T, D)
         return self.proj(out)
+
+    def decode(self, x: Tensor, cache: tuple[Tensor, Tensor], start: int, text_len: int, image_slice: slice,
+               allowed: Tensor | None) -> Tensor:
+        """`forward` for one decoded position that reads only the keys its pattern allows.
+
+        Args:
+            x: (B, 1, D) the hidden state at stream position `start`.
+            cache: this layer's (keys, values); position `start` is written here.
+            start: the stream position.
+            text_len: text keys are positions `0 .. text_len - 1`.
+            image_slice: the image keys this query may see, as a slice of stream positions.
+            allowed: (n,) which keys of the slice are attended, or None for all.
+        """
+        batch = x.shape[0]
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias)  # (B, 1, 3D)
+        q, k, v = qkv.view(batch, 3, self.heads, 1, self.head_dim).unbind(1)  # each (B, H, 1, hd); T = 1
+        keys, values = cache
+        keys.narrow(2, start, 1).copy_(k)
+        values.narrow(2, start, 1).copy_(v)
+        out = _sparse_decode_attention(q, keys, values, text_len, image_slice, allowed)  # (B, H, 1, hd)
+        return F.linear(out.reshape(batch, 1, -1), self.proj.weight, self.proj.bias)  # (B, 1, D); T = 1
 
 
 class Block(nn.Module):
@@ -153,6 +177,18 @@ class Block(nn.Module):
         x = x + self.dropout(self.attn(self.ln1(x), mask, cache, start, block_mask))  # (B, T, D)
         return x + self.dropout(self.mlp(self.ln2(x)))  # (B, T, D)
 
+    def decode(self, x: Tensor, cache: tuple[Tensor, Tensor], start: int, sparse_keys: tuple) -> Tensor:
+        """`forward` (in eval mode) for one decoded position with `Attention.decode`.
+
+        Written with functional calls: at decoding sizes a step costs mostly per-call
+        overhead, and module calls add to it.
+        """
+        ln1, ln2, fc1, fc2 = self.ln1, self.ln2, self.mlp[0], self.mlp[2]
+        h = F.layer_norm(x, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps)  # (B, 1, D)
+        x = x + self.attn.decode(h, cache, start, *sparse_keys)
+        h = F.layer_norm(x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
+        return x + F.linear(F.gelu(F.linear(h, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)  # (B, 1, D)
+
 
 class DalleTransformer(nn.Module):
     """The decoder-only transformer over `[text block | image tokens]` (see the module doc).
@@ -160,6 +196,9 @@ class DalleTransformer(nn.Module):
     Attributes:
         attention_backend: "auto" (FlexAttention on CUDA, SDPA elsewhere), "sdpa" or
             "flex"; a runtime choice, not saved, that never changes the result.
+        sparse_decode: True (default): `decode_step` reads from the cache only the keys
+            each layer's pattern allows (text + one slice of image keys); False: the
+            whole cache through the dense mask row. Same result; a runtime choice.
     """
 
     def __init__(self, config: TransformerConfig):
@@ -171,6 +210,7 @@ class DalleTransformer(nn.Module):
         self.max_len = self.text_len + self.image_len - 1  # the last image token is never an input
         self.patterns = layer_patterns(config.attention, config.depth)
         self.attention_backend = "auto"
+        self.sparse_decode = True  # decode_step reads only the keys each layer's mask allows
 
         self.text_emb = nn.Embedding(config.text_vocab, config.dim)
         self.text_pos = nn.Parameter(torch.zeros(config.text_len, config.dim))
@@ -301,7 +341,10 @@ class DalleTransformer(nn.Module):
         h = self.hidden(self.embed(text, inputs))  # (B, L + min(n, N - 1), D)
         logits_text = self.text_head(h[:, :self.text_len - 1])  # (B, L - 1, Vt)
         logits_image = self.image_head(h[:, self.text_len - 1:])  # (B, min(n + 1, N), Vi)
-        text_loss = F.cross_entropy(logits_text.flatten(0, 1).float(), text[:, 1:].flatten())
+        if self.text_len > 1:
+            text_loss = F.cross_entropy(logits_text.flatten(0, 1).float(), text[:, 1:].flatten())
+        else:  # a one-token text block has no text target
+            text_loss = logits_text.new_zeros((), dtype=torch.float32)
         if n > 0:
             image_loss = F.cross_entropy(logits_image[:, :n].flatten(0, 1).float(), image.flatten())
         else:
@@ -337,12 +380,53 @@ class DalleTransformer(nn.Module):
             cache: filled by `prefill` and earlier steps; extended in place.
         """
         start = self.text_len + index
+        if not 0 <= index < self.image_len - 1:
+            raise DalleError(f"decode_step index must be in [0, {self.image_len - 1}), got {index}")
         if cache.length != start:
             raise DalleError(f"cache holds {cache.length} positions, decode_step({index}) needs {start}")
         position = self.image_row[index // self.grid] + self.image_col[index % self.grid]  # (D,), as in embed
         x = self.image_emb(token)[:, None, :] + position  # (B, 1, D)
-        h = self.hidden(x, cache, start)  # (B, 1, D)
+        if self.sparse_decode:
+            for layer, block in enumerate(self.blocks):
+                x = block.decode(x, cache.layer(layer), start, self._sparse_keys(layer, index))
+            cache.length = start + 1
+            h = self.ln_f(x)  # (B, 1, D)
+        else:
+            h = self.hidden(x, cache, start)  # (B, 1, D)
         return self.image_head(h[:, 0])  # (B, Vi)
+
+    def _sparse_keys(self, layer: int, index: int) -> tuple[int, slice, Tensor | None]:
+        """What image query `index` reads in `layer`: the text, one slice of image keys."""
+        image_slice, holes = image_key_slice(self.patterns[layer], index, self.grid, self.config.conv_kernel)
+        text_len = self.text_len
+        stream_slice = slice(text_len + image_slice.start, text_len + image_slice.stop, image_slice.step)
+        allowed = self.masks[self.layer_mask[layer], text_len + index, stream_slice] if holes else None  # (n,)
+        return text_len, stream_slice, allowed
+
+
+def _sparse_decode_attention(q: Tensor, keys: Tensor, values: Tensor, text_len: int, image_slice: slice,
+                             allowed: Tensor | None) -> Tensor:
+    """One query per row over the text keys plus one slice of image keys.
+
+    Equal to masked attention over the whole cache, but reads only the keys the layer's
+    pattern lets the query see (decoding is bound by memory reads, not arithmetic).
+
+    Args:
+        q: (B, H, 1, hd) the query.
+        keys, values: (B, H, >= stop, hd) the cache up to and including the query.
+        text_len: the text keys are positions 0 .. text_len - 1.
+        image_slice: the image keys, as a slice of stream positions.
+        allowed: (n,) which keys of the slice are attended, or None for all.
+    """
+    q = q * q.shape[-1] ** -0.5
+    text_k, text_v = keys[:, :, :text_len], values[:, :, :text_len]  # (B, H, L, hd)
+    image_k, image_v = keys[:, :, image_slice], values[:, :, image_slice]  # (B, H, n, hd)
+    image_scores = q @ image_k.transpose(-1, -2)  # (B, H, 1, n)
+    if allowed is not None:
+        image_scores = image_scores.masked_fill(~allowed, float("-inf"))
+    scores = torch.cat([q @ text_k.transpose(-1, -2), image_scores], dim=-1)  # (B, H, 1, L + n)
+    probs = scores.softmax(dim=-1)
+    return probs[..., :text_len] @ text_v + probs[..., text_len:] @ image_v  # (B, H, 1, hd)
 
 
 def _flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:

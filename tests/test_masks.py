@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from dalle.errors import DalleError
-from dalle.masks import PATTERNS, allowed, build_mask, layer_patterns, reference_mask, save_masks_png
+from dalle.masks import (
+    PATTERNS,
+    allowed,
+    build_mask,
+    image_key_slice,
+    layer_patterns,
+    reference_mask,
+    save_masks_png,
+)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
@@ -70,3 +78,19 @@ def test_save_masks_png(tmp_path):
     path = save_masks_png(tmp_path / "masks.png", list(PATTERNS), text_len=6, grid=4, kernel=3, scale=3)
     image = Image.open(path)
     assert image.mode == "RGB" and image.width > 4 * 22 * 3
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("grid,kernel", [(4, 3), (5, 3), (8, 5), (3, 11), (16, 11)])
+def test_image_key_slice_covers_exactly_the_mask(pattern, grid, kernel):
+    # Decoding reads one slice of image keys; it must contain every allowed key, and
+    # anything else in it must be flagged as a hole (so the mask row is applied).
+    mask = build_mask(pattern, 0, grid, kernel)
+    for index in range(grid * grid):
+        keys, holes = image_key_slice(pattern, index, grid, kernel)
+        inside = torch.zeros(grid * grid, dtype=torch.bool)
+        inside[keys] = True
+        assert not (mask[index] & ~inside).any(), (index, keys)
+        if not holes:
+            assert torch.equal(mask[index], inside), (index, keys)
+        assert keys.stop == index + 1

@@ -49,6 +49,17 @@ def test_cached_equals_uncached(attention, cond_scale):
     assert cached_logits.shape == (4, 16, 16)
 
 
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_sparse_decode_equals_dense_decode(attention):
+    model = peaked_model(attention, depth=4 if attention == ["paper"] else 2)
+    text = captions()
+    sparse, sparse_logits = sample_image_codes(model, text, seed=3, cond_scale=2.0, return_logits=True)
+    model.sparse_decode = False
+    dense, dense_logits = sample_image_codes(model, text, seed=3, cond_scale=2.0, return_logits=True)
+    assert torch.equal(sparse, dense)
+    assert torch.allclose(sparse_logits, dense_logits, atol=1e-4)
+
+
 def test_logits_are_the_models_own():
     # The logits each token was drawn from are the teacher-forced logits of the codes.
     model = peaked_model(["paper"], depth=4)
