@@ -28,6 +28,7 @@ from dalle.tokenizer import Tokenizer, load_tokenizer, train_bpe
 from dalle.train import FunctionBatches, MappedBatches, StreamBatches, TableBatches, fit
 
 TOKENIZER_FILE = "tokenizer.json"
+SAMPLE_PROMPTS = ["a red circle", "a small blue square in the top left", "a green triangle above a white circle"]
 
 
 # ----------------------------------------------------------------------------- data
@@ -285,8 +286,25 @@ def train_transformer(config: Config, resume: str | None = "auto", progress: boo
         out = model(text, batch["codes"])
         return {k: out[k] for k in ("loss", "text_loss", "image_loss")}
 
+    def draw_samples(record, model):  # a grid of what the model draws now, every sample_every steps
+        if not train.sample_every or record["step"] % train.sample_every:
+            return
+        from dalle.dvae import decode
+        from dalle.rerank import tensor_to_pil
+        from dalle.sampling import sample_image_codes
+        from dalle.viz import labelled_grid, save_png
+
+        prompts = SAMPLE_PROMPTS if config.data.source == "shapes" else [""] * 4
+        codes = sample_image_codes(model, tokenizer.encode(prompts), num_candidates=4, seed=0)
+        grid = model_config.image_grid
+        with torch.inference_mode():
+            pixels = decode(dvae, codes.view(-1, grid, grid))
+        rows = [[tensor_to_pil(p) for p in pixels[i * 4 : (i + 1) * 4]] for i in range(len(prompts))]
+        path = run_dir / "samples" / f"step-{record['step']:08d}.png"
+        save_png(labelled_grid(rows, row_titles=prompts, cell=48), path)
+
     tokens = model_config.text_len + model_config.image_grid**2
     result = fit(model, batches, step_fn, train, run_dir, "transformer", resume=resume,
-                 items_per_batch=lambda b: len(b["codes"]) * tokens, progress=progress,
+                 items_per_batch=lambda b: len(b["codes"]) * tokens, on_log=draw_samples, progress=progress,
                  stop_after=stop_after)
     return {"train_seconds": round(result.seconds, 1), "steps": result.steps, "last_loss": result.last_loss}

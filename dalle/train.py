@@ -16,6 +16,7 @@ On disk, under the run directory:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import random
@@ -286,7 +287,11 @@ def fit(model: torch.nn.Module, batches, step_fn: Callable, config: TrainConfig,
     mixed = config.mixed_precision
     if mixed == "fp16" and not torch.cuda.is_available():
         mixed = "bf16"  # fp16 needs a GPU grad scaler; the CPU runs bf16
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    trackers = "tensorboard" if importlib.util.find_spec("tensorboard") else None  # when installed
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(), log_with=trackers,
+                              project_dir=str(run_dir / "logs"))
+    if trackers:
+        accelerator.init_trackers(stage)
     set_seed(config.seed)
 
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
@@ -387,7 +392,9 @@ def fit(model: torch.nn.Module, batches, step_fn: Callable, config: TrainConfig,
                     with open(log_path, "a", encoding="utf-8") as handle:
                         handle.write(json.dumps(record) + "\n")
                     bar.set_postfix(loss=f"{last_loss:.4f}", per_s=f"{record['items_per_s']:.0f}")
-                if on_log:
+                if trackers:
+                    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+                if on_log and accelerator.is_main_process:
                     on_log(record, raw_model)
             at_checkpoint = config.checkpoint_every and step % config.checkpoint_every == 0
             if stop_requested or (stop_after is not None and step - start >= stop_after):
@@ -403,6 +410,8 @@ def fit(model: torch.nn.Module, batches, step_fn: Callable, config: TrainConfig,
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
 
+    if trackers:
+        accelerator.end_training()
     if not stopped_early:
         accelerator.wait_for_everyone()
         if ema is not None:  # the published model is the moving average

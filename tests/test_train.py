@@ -105,3 +105,11 @@ def test_broken_files_in_a_folder_are_counted_and_training_goes_on(tmp_path, cap
                                 "data.max_bad_fraction=0.05", "train.dvae.steps=2"])
     with pytest.raises(Exception, match="broken"):
         stages.train_dvae(config, progress=False)
+
+
+def test_sample_grids_during_training(tmp_path):
+    config = load_config(TINY, [f"run_dir={tmp_path}", "train.dvae.steps=2", "train.transformer.steps=4",
+                                "train.transformer.sample_every=2"])
+    stages.train_dvae(config, progress=False)
+    stages.train_transformer(config, progress=False)
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step-00000002.png", "step-00000004.png"]
