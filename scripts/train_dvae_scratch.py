@@ -53,7 +53,7 @@ def reads_same(original: Image.Image, reconstruction: Image.Image, caption: str)
     """The reader finds the same objects (colour, shape, size word) and judges the caption alike."""
     def read(image):
         canvas = image.size[0]
-        return sorted((o.colour, o.shape, shapes._size_word(o.side, canvas)) for o in shapes.read_objects(image))
+        return sorted((o.colour, o.shape, shapes._size_word(o.side, canvas) or "-") for o in shapes.read_objects(image))
     return read(original) == read(reconstruction) and shapes.judge(original, caption) == shapes.judge(
         reconstruction, caption)
 
