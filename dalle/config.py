@@ -80,6 +80,9 @@ class DVAEConfig:
     temperature_steps: int = 150_000
     kl_weight_end: float = 6.6
     kl_warmup_steps: int = 5_000
+    # Hard one-hot codes forward, relaxed gradients backward (not in the paper, which
+    # relaxes both ways); closes the gap between training and argmax decoding in short runs.
+    straight_through: bool = False
 
     def __post_init__(self):
         _check(self.groups >= 1, "dvae.groups", "must be >= 1")

@@ -163,8 +163,11 @@ class DVAE(nn.Module):
         c = self.config
         target = squeeze_pixels(images, c.eps)  # (B, C, H, W) in [eps, 1 - eps]
         logits = self.encoder(target).float()  # (B, K, h, w); float32 even under autocast
-        soft_codes = gumbel_softmax(logits, temperature)  # (B, K, h, w), sums to 1 over K
-        stats = self.decoder(soft_codes).float()  # (B, 2C, H, W)
+        codes = gumbel_softmax(logits, temperature)  # (B, K, h, w), sums to 1 over K
+        if c.straight_through:  # forward the one-hot of the sample, backward through the relaxation
+            hard = F.one_hot(codes.argmax(dim=1), c.codebook_size).permute(0, 3, 1, 2).to(codes.dtype)
+            codes = hard + codes - codes.detach()
+        stats = self.decoder(codes).float()  # (B, 2C, H, W)
         mu, log_scale = stats[:, : c.channels], stats[:, c.channels :]
 
         if c.loss == "logit_laplace":

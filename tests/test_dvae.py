@@ -178,3 +178,25 @@ def test_mismatched_checkpoint_fails_with_one_line(tmp_path):
         load_dvae(tmp_path / "dvae")
     with pytest.raises(CheckpointError, match="not found"):
         load_dvae(tmp_path / "nothing")
+
+
+def test_straight_through_decodes_one_hot_codes_and_trains_the_encoder():
+    torch.manual_seed(0)
+    model = DVAE(tiny(straight_through=True, loss="mse"))
+    seen = {}
+    model.decoder.input.register_forward_hook(lambda module, inputs, output: seen.update(z=inputs[0].detach()))
+    out = model(toy_images(2), temperature=0.5, kl_weight=1.0)
+    z = seen["z"]  # (B, K, h, w)
+    one_hot = torch.nn.functional.one_hot(z.argmax(1), 32).permute(0, 3, 1, 2).float()
+    torch.testing.assert_close(z, one_hot, atol=1e-6, rtol=0)  # hard codes forward (up to rounding)
+    out["loss"].backward()
+    assert model.encoder.input.weight.grad.abs().sum() > 0
+
+
+def test_shipped_config_builds():
+    from dalle.config import load_config
+
+    config = load_config("configs/dvae-shapes.yaml")
+    model = DVAE(config.dvae)
+    assert encode(model, torch.rand(1, 3, config.data.size, config.data.size)).shape == (
+        1, config.dvae.grid_size, config.dvae.grid_size)
