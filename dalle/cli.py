@@ -197,6 +197,7 @@ def classify(model: str, labels: list[str], images: list[str], clip: str | None 
     """Zero-shot classification: one JSON line per picture with the best label and all probabilities."""
     from dalle.pipeline import load_scorer_for
     from dalle.rerank import classify as classify_images
+    from dalle.rerank import tensor_to_pil
 
     labels = [label for label in labels if label.strip()]
     if not labels:
@@ -208,8 +209,6 @@ def classify(model: str, labels: list[str], images: list[str], clip: str | None 
     lines = []
     for start in range(0, len(pictures), 256):
         chunk = pictures[start : start + 256]
-        from dalle.rerank import tensor_to_pil
-
         probs = classify_images(scorer, [tensor_to_pil(t) for _, t in chunk], labels)
         for (path, _), row in zip(chunk, probs.tolist()):
             best = max(range(len(labels)), key=row.__getitem__)
