@@ -65,11 +65,12 @@ PEER_NOTES = [
     "with cond_scale != 1 the cache is used, but its sparse layers (axial/conv) are wrapped in "
     "NonCached, which re-runs the layer over the whole cached input every step; only dense "
     "Attention layers ('full', or axial with optimize_for_inference=True) cache keys/values.",
-    "guided + cached: the unconditional pass gets a shallow copy of the conditional cache, so "
-    "after the first step it attends to the conditional keys/values (and the token-shift "
-    "deques are shared and advanced twice per step).",
-    "the unconditional pass zeroes the caption in place (text *= ...) inside the sequence "
-    "being generated, so uncached guided sampling loses the caption after the first step.",
+    "guided + cached: the unconditional pass runs on a shallow copy of the conditional cache, so "
+    "after the first step it reads the conditional keys/values (it never sees the empty "
+    "caption again), and both passes advance the same token-shift deques.",
+    "the unconditional pass zeroes the caption in place (text *= ...) inside the sequence being "
+    "generated: without the cache, every step after the first conditions on an empty caption "
+    "and the guided logits equal the unguided ones (checked on a tiny model).",
     "generate_images ends with vae.decode; the benchmark replaces that decode by the identity "
     "because our sample_image_codes returns codes, not pixels.",
 ]
@@ -102,7 +103,7 @@ def make_spec(args: argparse.Namespace) -> dict:
         "attention": paper_layout(args.depth), "conv_kernel": PEER_CONV_KERNEL,
         "ours_mlp_ratio": args.ours_mlp_ratio,
         "train_batch": args.train_batch, "train_steps": args.train_steps, "warmup_steps": args.warmup_steps,
-        "sample_batch": args.sample_batch, "cond_scale": args.cond_scale,
+        "sample_batch": args.sample_batch, "cond_scale": args.cond_scale, "sample_budget": args.sample_budget,
         "peer_inference": args.peer_inference,
         "dvae_image_size": image_size, "dvae_hidden": args.dvae_hidden, "dvae_batch": args.dvae_batch,
         "dvae_steps": args.dvae_steps,
@@ -160,9 +161,38 @@ def _train_result(seconds_per_step: float, spec: dict, params: int) -> dict:
     return {"step_s": seconds_per_step, "tokens_per_s": tokens / seconds_per_step, "params": params}
 
 
-def _sample_result(seconds: float, spec: dict, params: int) -> dict:
-    tokens = spec["sample_batch"] * spec["image_len"]
-    return {"seconds": seconds, "tokens_per_s": tokens / seconds, "params": params}
+class _OverBudget(Exception):
+    """Raised from inside a sampling loop when `sample_budget` seconds have passed."""
+
+
+def _budgeted(fn, spec: dict, state: dict):
+    """Wraps the per-token model call of a sampling loop: counts the calls and stops the loop
+    (raising _OverBudget) once the budget is spent, so that a slow side still yields a figure."""
+
+    def wrapper(*args, **kwargs):
+        if time.perf_counter() - state["start"] > spec["sample_budget"]:
+            raise _OverBudget
+        out = fn(*args, **kwargs)
+        state["calls"] += 1
+        return out
+
+    return wrapper
+
+
+def _run_sampling(run, spec: dict, state: dict, tokens_per_call_offset: int) -> dict:
+    """Times `run()`; on _OverBudget, reports the tokens made so far (the partial rate covers
+    the first, shorter positions only, so for a side that recomputes the stream it is an
+    overestimate)."""
+    state["start"] = time.perf_counter()
+    try:
+        run()
+    except _OverBudget:
+        seconds = time.perf_counter() - state["start"]
+        done = state["calls"] + tokens_per_call_offset
+        return {"seconds": seconds, "tokens_per_s": spec["sample_batch"] * done / seconds, "partial": True,
+                "tokens_done": done, "tokens_wanted": spec["image_len"]}
+    seconds = time.perf_counter() - state["start"]
+    return {"seconds": seconds, "tokens_per_s": spec["sample_batch"] * spec["image_len"] / seconds}
 
 
 def _dvae_result(seconds_per_step: float, spec: dict, params: int) -> dict:
@@ -231,12 +261,16 @@ def measure_ours(task: str, spec: dict) -> dict:
     with torch.inference_mode():  # warm-up: one pass over the whole stream, as for the peer
         model(text, codes)
     cond_scale = spec["cond_scale"] if task == "sample_guided" else 1.0
-    start = time.perf_counter()
-    out = sample_image_codes(model, text, top_k=_peer_effective_top_k(spec), cond_scale=cond_scale,
-                             seed=spec["seed"], use_cache=True)
-    seconds = time.perf_counter() - start
-    assert out.shape == (spec["sample_batch"], spec["image_len"]), out.shape
-    return {**_sample_result(seconds, spec, _params(model)), "use_cache": True, **read_peak(mark)}
+    state = {"calls": 0}
+    model.decode_step = _budgeted(model.decode_step, spec, state)  # one call per token after the first
+
+    def run():
+        out = sample_image_codes(model, text, top_k=_peer_effective_top_k(spec), cond_scale=cond_scale,
+                                 seed=spec["seed"], use_cache=True)
+        assert out.shape == (spec["sample_batch"], spec["image_len"]), out.shape
+
+    result = _run_sampling(run, spec, state, tokens_per_call_offset=1)
+    return {**result, "params": _params(model), "use_cache": True, **read_peak(mark)}
 
 
 def _peer_effective_top_k(spec: dict) -> int:
@@ -352,14 +386,20 @@ def measure_peer(task: str, spec: dict) -> dict:
     with torch.no_grad():  # warm-up: one pass over the whole stream, as for ours
         model(text.clone(), codes)
     cond_scale = spec["cond_scale"] if task == "sample_guided" else 1.0
-    start = time.perf_counter()
-    out = model.generate_images(text.clone(), filter_thres=0.5, cond_scale=cond_scale, use_cache=True)
-    seconds = time.perf_counter() - start
-    assert tuple(out.shape) == (spec["sample_batch"], spec["image_len"]), out.shape
+    state = {"calls": 0}
+    # generate_images calls self.forward_with_cond_scale once per token; the instance
+    # attribute shadows the method.
+    model.forward_with_cond_scale = _budgeted(model.forward_with_cond_scale, spec, state)
+
+    def run():
+        out = model.generate_images(text.clone(), filter_thres=0.5, cond_scale=cond_scale, use_cache=True)
+        assert tuple(out.shape) == (spec["sample_batch"], spec["image_len"]), out.shape
+
+    result = _run_sampling(run, spec, state, tokens_per_call_offset=0)
     # use_cache only reaches the model through forward_with_cond_scale when cond_scale != 1.
     extra["use_cache"] = True
     extra["cache_effective"] = cond_scale != 1.0
-    return {**_sample_result(seconds, spec, params), **extra, **read_peak(mark)}
+    return {**result, "params": params, **extra, **read_peak(mark)}
 
 
 def worker(side: str, task: str, spec: dict) -> None:
@@ -435,6 +475,8 @@ def summarise(raw: list[dict], spec: dict) -> dict:
             key = "images_per_s" if task == "dvae" else "tokens_per_s"
             entry = {key: best(runs, key), "workload_mib": best(runs, "workload_mib"),
                      "peak_rss_mib": best(runs, "peak_rss_mib"), "params": best(runs, "params")}
+            if any(r.get("partial") for r in runs):
+                entry["partial"] = True
             errors = [r["error"] for r in runs if "error" in r]
             if errors:
                 entry["error"] = errors[0]
@@ -479,16 +521,22 @@ def markdown(summary: dict, spec: dict) -> str:
         ours = summary["ours"].get(task, {})
         peer = summary["peer"].get(task, {})
         a, b = ours.get(key), peer.get(key)
-        cell = lambda v, e: "error" if e and v is None else ("-" if v is None else f"{v:,.1f}" if isinstance(v, float) else f"{v:,}")  # noqa: E731
         r = f"{a / b:.2f}x" if a is not None and b else "-"
-        lines.append(f"| {label} | {cell(a, ours.get('error'))} | {cell(b, peer.get('error'))} | {r} |")
+        lines.append(f"| {label} | {_cell(a, ours)} | {_cell(b, peer)} | {r} |")
     return "\n".join(lines)
+
+
+def _cell(value, entry: dict) -> str:
+    if value is None:
+        return "error" if entry.get("error") else "-"
+    text = f"{value:,.1f}" if isinstance(value, float) else f"{value:,}"
+    return text + (" (partial)" if entry.get("partial") else "")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     size = parser.add_argument_group("the shared configuration")
-    size.add_argument("--dim", type=int, default=256)
+    size.add_argument("--dim", type=int, default=128)
     size.add_argument("--depth", type=int, default=4)
     size.add_argument("--heads", type=int, default=4)
     size.add_argument("--text-len", type=int, default=24)
@@ -505,6 +553,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     work.add_argument("--warmup-steps", type=int, default=1)
     work.add_argument("--sample-batch", type=int, default=8)
     work.add_argument("--cond-scale", type=float, default=3.0)
+    work.add_argument("--sample-budget", type=float, default=900,
+                      help="seconds one sampling run may take; a slower run reports its partial rate")
     work.add_argument("--dvae-batch", type=int, default=8)
     work.add_argument("--dvae-steps", type=int, default=3)
     work.add_argument("--peer-inference", choices=("sparse", "masked"), default="masked",
@@ -515,7 +565,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     work.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
     work.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     work.add_argument("--seed", type=int, default=0)
-    work.add_argument("--worker-timeout", type=int, default=1200)
+    work.add_argument("--worker-timeout", type=int, default=1800)
     where = parser.add_argument_group("the interpreters")
     where.add_argument("--ours-root", default=str(ROOT), help="directory holding our `dalle` package")
     where.add_argument("--ours-python", default=None, help="default: this interpreter")
@@ -541,8 +591,8 @@ def main(argv: list[str] | None = None) -> None:
             for side in args.sides:
                 result = run_worker(side, task, spec, args)
                 raw.append({"repeat": repeat, "task": task, "side": side, "result": result})
-                shown = {k: v for k, v in result.items() if k in ("tokens_per_s", "images_per_s", "seconds",
-                                                                    "step_s", "workload_mib", "error")}
+                shown = {k: v for k, v in result.items() if k in ("tokens_per_s", "images_per_s", "seconds", "step_s",
+                                                                    "workload_mib", "partial", "error")}
                 print(f"[bench] {task:>13} {side:>4} #{repeat}: {json.dumps(shown)}", file=sys.stderr, flush=True)
     summary = summarise(raw, spec)
     print(markdown(summary, spec))

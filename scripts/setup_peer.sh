@@ -30,14 +30,17 @@ torch==2.13.0
 setuptools<81
 EOF
 pip=($VENV/bin/python -m pip install -q --disable-pip-version-check -c $VENV/constraints.txt)
+# This machine's pip.conf names local package folders that are partly missing; pip warns
+# once per package about them, which buries everything else.
+quiet() { "$@" 2> >(grep -v 'neither a file nor a directory' >&2); }
 echo "[setup_peer] installing torch==2.13.0 and youtokentome's build tools" >&2
-"${pip[@]}" torch==2.13.0 "setuptools<81" wheel Cython
+quiet "${pip[@]}" torch==2.13.0 "setuptools<81" wheel Cython
 # youtokentome ships no wheel for this Python; its setup.py imports Cython at the top,
 # so it is built against the Cython above, without build isolation.
 echo "[setup_peer] building youtokentome" >&2
-"${pip[@]}" --no-build-isolation youtokentome
+quiet "${pip[@]}" --no-build-isolation youtokentome==1.0.6
 echo "[setup_peer] installing dalle-pytorch==1.6.6 and its requirements" >&2
-"${pip[@]}" dalle-pytorch==1.6.6
+quiet "${pip[@]}" dalle-pytorch==1.6.6
 # torchvision from PyPI is a CUDA build that fails to load its operators against the
 # CPU torch; nothing the benchmark runs needs it (taming's VQGAN chain is replaced by
 # a stand-in in scripts/bench.py), so it goes.
