@@ -87,7 +87,7 @@ def state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_model(model: torch.nn.Module, config: Any, directory: str | Path, kind: str,
-               extra: dict[str, Any] | None = None) -> Path:
+               extra: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Saves `model` and its config dataclass as a model directory.
 
     Args:
@@ -96,10 +96,14 @@ def save_model(model: torch.nn.Module, config: Any, directory: str | Path, kind:
         directory: the model directory to (re)write.
         kind: what the model is ("dvae", "transformer", "clip"); checked on load.
         extra: more JSON-able facts to keep beside the config (metrics, tokenizer name).
+        state: the weights to write instead of `model.state_dict()` (e.g. the consolidated
+            state of a sharded FSDP model).
     """
     meta = {"kind": kind, "format_version": FORMAT_VERSION, "config": to_dict(config), **(extra or {})}
     with atomic_directory(directory) as temporary:
-        save_file(state_for_saving(model), str(temporary / WEIGHTS_FILE), metadata={"kind": kind})
+        tensors = state_for_saving(model) if state is None else {
+            name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in state.items()}
+        save_file(tensors, str(temporary / WEIGHTS_FILE), metadata={"kind": kind})
         (temporary / CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return Path(directory)
 

@@ -38,6 +38,8 @@ class DataConfig:
     text_column: str = "text"  # hf: sources only
     streaming: bool = False  # hf: sources only
     paraphrase_prob: float = 0.0  # shapes/digits: chance of a non-canonical caption
+    n: int = 0  # pairs read into memory; 0: all (shapes: endless, rendered per batch)
+    max_bad_fraction: float = 0.5  # stop when more of the files than this are broken
 
     def __post_init__(self):
         _check(self.size >= 8, "data.size", f"must be >= 8, got {self.size}")
@@ -146,6 +148,9 @@ class CLIPConfig:
         _check(self.image_size % self.patch_size == 0, "clip.image_size", "must be divisible by clip.patch_size")
         _check(self.text_dim % self.text_heads == 0, "clip.text_dim", "must be divisible by clip.text_heads")
         _check(self.vision_dim % self.vision_heads == 0, "clip.vision_dim", "must be divisible by clip.vision_heads")
+        _check(self.text_vocab > self.text_len, "clip.text_vocab",
+               f"must exceed clip.text_len (BPE ids + one padding id per position), got {self.text_vocab}")
+        _check(self.init_temperature > 0, "clip.init_temperature", "must be > 0")
 
 
 @dataclass
@@ -169,7 +174,6 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     num_workers: int = 0
-    max_bad_fraction: float = 0.5
 
     def __post_init__(self):
         _check(self.steps >= 1, "train.steps", "must be >= 1")

@@ -1,0 +1,176 @@
+"""The inference path: prompts -> tokens -> transformer -> image codes -> dVAE -> CLIP -> ranked pictures.
+
+`load_pipeline(dir)` reads a pipeline directory (what training writes into its run
+directory): `tokenizer.json`, `dvae/`, `transformer/` and, optionally, `clip/`. It checks
+that the stages fit together before anything runs. This module imports no training code
+(no accelerate, no datasets).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from dalle.checkpoint import CheckpointError
+from dalle.dvae import DVAE, decode, encode, load_dvae
+from dalle.errors import DalleError
+from dalle.rerank import CLIPScorer, Scorer, load_scorer, pil_to_tensor, rerank, tensor_to_pil
+from dalle.sampling import sample_image_codes
+from dalle.tokenizer import Tokenizer, load_tokenizer
+from dalle.transformer import DalleTransformer, load_transformer
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass
+class Sample:
+    """One kept picture of a prompt."""
+
+    image: Image.Image
+    rank: int  # 1-based: 1 is CLIP's favourite (or the first sampled, without reranking)
+    clip_score: float | None
+    candidate: int  # its index in sampling order
+
+
+class Pipeline:
+    """Tokenizer + transformer + dVAE (+ CLIP): call it with prompts to get ranked pictures."""
+
+    def __init__(self, tokenizer: Tokenizer, transformer: DalleTransformer, dvae: DVAE, scorer: Scorer | None,
+                 directory: Path | None = None):
+        check_fit(tokenizer, transformer, dvae, scorer)
+        self.tokenizer, self.transformer, self.dvae, self.scorer = tokenizer, transformer, dvae, scorer
+        self.directory = directory
+
+    @property
+    def image_size(self) -> int:
+        return self.dvae.config.image_size
+
+    def encode_prime(self, image: Image.Image | str | Path, rows: int) -> torch.Tensor:
+        """The first `rows` grid rows of an image's codes, for priming: (1, rows * grid)."""
+        if not isinstance(image, Image.Image):
+            try:
+                image = Image.open(image).convert("RGB")
+            except (OSError, ValueError) as error:
+                raise DalleError(f"cannot read the priming image {image}: {error}") from None
+        grid = self.dvae.config.grid_size
+        if not 0 < rows < grid:
+            raise DalleError(f"prime rows must be between 1 and {grid - 1}, got {rows}")
+        pixels = pil_to_tensor(image, self.image_size)[None]  # (1, 3, S, S)
+        return encode(self.dvae, pixels).flatten(1)[:, : rows * grid]  # (1, rows * grid)
+
+    def __call__(self, prompts: list[str] | str, *, candidates: int = 8, keep: int = 1, seed: int = 0,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 cond_scale: float = 1.0, prime_image: Image.Image | str | Path | None = None, prime_rows: int = 0,
+                 rerank_with_clip: bool = True, batch_size: int | None = None) -> list[list[Sample]]:
+        """Samples `candidates` pictures per prompt and keeps the best `keep`.
+
+        Args:
+            prompts: captions (an empty one samples with no caption).
+            candidates: pictures sampled per prompt.
+            keep: how many to return per prompt, best first.
+            seed: prompt i is sampled with seed + i, so results repeat.
+            temperature, top_k, top_p: sampling filters.
+            cond_scale: classifier-free guidance scale (1: off).
+            prime_image, prime_rows: complete a picture whose top rows are given.
+            rerank_with_clip: order by CLIP score; False keeps sampling order (scores are
+                still given when the pipeline has a CLIP).
+            batch_size: at most this many rows per transformer call.
+
+        Returns:
+            Per prompt, `keep` Samples, best first.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if candidates < 1 or not 1 <= keep <= candidates:
+            raise DalleError(f"need candidates >= 1 and 1 <= keep <= candidates, got {candidates} and {keep}")
+        if rerank_with_clip and self.scorer is None:
+            raise DalleError("this pipeline has no CLIP to rerank with: use --rerank none or --clip hf:NAME")
+        prime = self.encode_prime(prime_image, prime_rows) if prime_image is not None else None
+        results = []
+        for index, prompt in enumerate(prompts):
+            text = self.tokenizer.encode([prompt])  # (1, L)
+            codes = sample_image_codes(self.transformer, text, num_candidates=candidates, temperature=temperature,
+                                       top_k=top_k, top_p=top_p, cond_scale=cond_scale, prime=prime,
+                                       seed=seed + index, batch_size=batch_size)  # (candidates, N)
+            grid = self.dvae.config.grid_size
+            with torch.inference_mode():
+                pixels = decode(self.dvae, codes.view(-1, grid, grid))  # (candidates, 3, S, S)
+            order, scores = list(range(candidates)), None
+            if self.scorer is not None:  # scores are reported even when the order is kept
+                ranked, scores = rerank(self.scorer, prompt, pixels)
+                scores = scores.tolist()
+                if rerank_with_clip:
+                    order = ranked.tolist()
+            results.append([Sample(tensor_to_pil(pixels[i]), rank + 1, scores[i] if scores else None, i)
+                            for rank, i in enumerate(order[:keep])])
+        return results
+
+
+def check_fit(tokenizer: Tokenizer, transformer: DalleTransformer, dvae: DVAE, scorer: Scorer | None) -> None:
+    """Names the first way the stages do not fit together."""
+    t, d = transformer.config, dvae.config
+    if t.text_vocab != tokenizer.total_vocab:
+        raise CheckpointError(f"the transformer expects a text vocabulary of {t.text_vocab}, the tokenizer gives "
+                              f"{tokenizer.total_vocab} ({tokenizer.vocab_size} BPE + {tokenizer.text_len} padding)")
+    if t.image_vocab != d.codebook_size:
+        raise CheckpointError(f"the transformer expects {t.image_vocab} image codes, the dVAE has a codebook of "
+                              f"{d.codebook_size}")
+    if t.image_grid != d.grid_size:
+        raise CheckpointError(f"the transformer expects a {t.image_grid}x{t.image_grid} code grid, the dVAE makes "
+                              f"{d.grid_size}x{d.grid_size}")
+    if isinstance(scorer, CLIPScorer):
+        c = scorer.model.config
+        if c.text_vocab != tokenizer.total_vocab or c.text_len != tokenizer.text_len:
+            raise CheckpointError(f"the CLIP expects {c.text_len} text tokens from a vocabulary of {c.text_vocab}, "
+                                  f"the tokenizer gives {tokenizer.text_len} from {tokenizer.total_vocab}")
+
+
+def load_pipeline(directory: str | Path, clip: str | None = None, device: str | torch.device = "cpu") -> Pipeline:
+    """Loads a pipeline directory.
+
+    Args:
+        directory: holds tokenizer.json, dvae/, transformer/ and optionally clip/.
+        clip: another CLIP to rerank with: `hf:NAME_OR_DIR` or a CLIP model directory.
+        device: where the models run.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"pipeline directory not found: {directory}")
+    for part in (TOKENIZER_FILE, "dvae", "transformer"):
+        if not (directory / part).exists():
+            raise CheckpointError(f"{directory} is not a pipeline directory: {part} is missing")
+    transformer = load_transformer(directory / "transformer").to(device)
+    tokenizer = load_tokenizer(directory / TOKENIZER_FILE, transformer.config.text_len)
+    dvae = load_dvae(directory / "dvae").to(device)
+    scorer = None
+    if clip is not None:
+        scorer = load_scorer(clip, tokenizer=tokenizer, device=device)
+    elif (directory / "clip").is_dir():
+        scorer = load_scorer(directory / "clip", tokenizer=tokenizer, device=device)
+    return Pipeline(tokenizer, transformer, dvae, scorer, directory)
+
+
+def load_scorer_for(directory: str | Path, clip: str | None = None, device: str | torch.device = "cpu") -> Scorer:
+    """The CLIP of a pipeline (or CLIP-only) directory, or `clip` (hf:NAME or a directory) if given."""
+    directory = Path(directory)
+    if clip is not None and clip.startswith("hf:"):
+        return load_scorer(clip, device=device)
+    tokenizer_path = directory / TOKENIZER_FILE
+    clip_dir = Path(clip) if clip else directory / "clip"
+    if not clip_dir.is_dir():
+        if (directory / "config.json").is_file():  # the directory is itself a CLIP model directory
+            clip_dir, tokenizer_path = directory, directory.parent / TOKENIZER_FILE
+        else:
+            raise CheckpointError(f"no CLIP in {directory}: expected {directory / 'clip'} (or pass --clip)")
+    try:
+        meta = json.loads((clip_dir / "config.json").read_text(encoding="utf-8"))
+        text_len = int(meta["config"]["text_len"])
+    except (OSError, KeyError, ValueError, json.JSONDecodeError):
+        raise CheckpointError(f"{clip_dir} is not a CLIP model directory") from None
+    if not tokenizer_path.is_file():
+        raise CheckpointError(f"no {TOKENIZER_FILE} beside {clip_dir}: the CLIP needs its tokenizer")
+    return load_scorer(clip_dir, tokenizer=load_tokenizer(tokenizer_path, text_len), device=device)

@@ -1,0 +1,230 @@
+"""Sampling image codes from a `DalleTransformer`: plain functions, no model methods.
+
+The decode loop keeps a preallocated key/value cache (`KVCache`): the caption (and any
+primed image tokens) are run once by `model.prefill`, then each new image token costs one
+`model.decode_step` over a single position, whose queries read the cache through one row
+of each layer's precomputed sparse mask. `use_cache=False` recomputes the whole stream at
+every step instead; it exists to check the cache (both give the same tokens) and to
+measure what it saves.
+
+Logits are processed in this order: classifier-free guidance, temperature, top-k, top-p.
+Guidance (`cond_scale = s != 1`) runs every conditional row together with an
+unconditional one (the empty, all-padding caption) in one batch and uses
+`uncond + s * (cond - uncond)`.
+
+Randomness: one uniform number per output token is drawn up front from a generator
+seeded with `seed`, and a token is chosen by inverting the cumulative distribution at
+that number. So a seed gives the same codes whatever `batch_size` and `use_cache` are.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dalle.errors import DalleError
+from dalle.transformer import DalleTransformer, empty_captions
+
+
+def top_k_filter(logits: Tensor, k: int | None) -> Tensor:
+    """Keeps the k largest logits of each row, sets the others to -inf (ties at the k-th kept).
+
+    Args:
+        logits: (..., V).
+        k: how many to keep; None or k >= V keeps everything.
+    """
+    if k is None or k >= logits.shape[-1]:
+        return logits
+    if k < 1:
+        raise DalleError(f"top_k must be >= 1, got {k}")
+    kth = logits.topk(k, dim=-1).values[..., -1:]  # (..., 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float | None) -> Tensor:
+    """Nucleus filter: keeps the smallest set of most likely tokens whose mass reaches p.
+
+    The most likely token is always kept. Others are set to -inf.
+
+    Args:
+        logits: (..., V).
+        p: the probability mass to keep, in (0, 1]; None or 1 keeps everything.
+    """
+    if p is None or p >= 1.0:
+        return logits
+    if p <= 0.0:
+        raise DalleError(f"top_p must be in (0, 1], got {p}")
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (..., V)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
+    drop_sorted = mass_before >= p  # (..., V); never the first token
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
+    """Divides logits by the temperature (> 0); 0 is greedy and is handled by the caller."""
+    if temperature <= 0:
+        raise DalleError(f"temperature must be > 0 here, got {temperature}")
+    return logits / temperature
+
+
+def guide(logits: Tensor, cond_scale: float) -> Tensor:
+    """Classifier-free guidance on a batch stacked as [conditional rows; unconditional rows].
+
+    Args:
+        logits: (2R, V), rows 0..R-1 conditional, R..2R-1 their unconditional twins.
+        cond_scale: s; returns uncond + s * (cond - uncond), (R, V).
+    """
+    cond, uncond = logits.float().chunk(2, dim=0)  # (R, V) each
+    return uncond + cond_scale * (cond - uncond)
+
+
+def choose_tokens(logits: Tensor, uniforms: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None) -> Tensor:
+    """(R,) one token per row from (R, V) logits, by inverse CDF at the given uniforms.
+
+    `temperature == 0` is greedy (argmax). Inverting the CDF at a fixed uniform (instead of
+    `torch.multinomial`) makes a token depend on its own random number only, so cached and
+    uncached decoding, or different batch splits, pick the same tokens.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = apply_temperature(logits, temperature)
+    logits = top_p_filter(top_k_filter(logits, top_k), top_p)
+    cdf = F.softmax(logits, dim=-1).cumsum(dim=-1)  # (R, V)
+    target = uniforms[:, None].to(cdf) * cdf[:, -1:]  # (R, 1)
+    tokens = torch.searchsorted(cdf, target, right=True)[:, 0]  # (R,)
+    return tokens.clamp_(max=logits.shape[-1] - 1)
+
+
+def sample_image_codes(model: DalleTransformer, text: Tensor, *, num_candidates: int = 1,
+                       temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                       cond_scale: float = 1.0, prime: Tensor | None = None, seed: int | None = None,
+                       use_cache: bool = True, batch_size: int | None = None,
+                       return_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Samples image codes for captions.
+
+    Args:
+        model: the transformer (its train/eval mode is restored afterwards; sampling runs
+            in eval mode under `torch.inference_mode`).
+        text: (B, L) caption ids, padding included (an all-padding row is the empty caption).
+        num_candidates: images per caption; rows `b * num_candidates ..` are caption b's.
+        temperature: softmax temperature; 0 is greedy.
+        top_k: keep only the k most likely codes (None: all).
+        top_p: nucleus filter mass (None: all).
+        cond_scale: classifier-free guidance scale; 1 is plain conditional sampling.
+        prime: (B, k) the first k image codes of each caption's images (raster order, so
+            the top k / grid rows); the rest is completed. None: sample from scratch.
+        seed: makes the result repeatable; None uses torch's global generator.
+        use_cache: decode with the key/value cache (fast) or recompute every step.
+        batch_size: at most this many output rows per model call (guidance doubles the
+            model's batch); None: all rows at once. Does not change the result.
+        return_logits: also return the (B * num_candidates, N, image_vocab) float32 logits
+            each token was drawn from (after guidance, before temperature and filters;
+            NaN at primed positions).
+
+    Returns:
+        (B * num_candidates, N) int64 codes, N = grid**2; with `return_logits`, (codes, logits).
+    """
+    config = model.config
+    device = model.text_emb.weight.device
+    _check_sampling_args(model, text, prime, num_candidates, temperature, top_k, top_p, batch_size)
+    rows_text = text.to(device, torch.long).repeat_interleave(num_candidates, dim=0)  # (R, L)
+    rows = rows_text.shape[0]
+    n_image = model.image_len
+    rows_prime = None
+    if prime is not None:
+        rows_prime = prime.to(device, torch.long).repeat_interleave(num_candidates, dim=0)  # (R, k)
+
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    # One uniform per output token, drawn up front: results do not depend on batching.
+    uniforms = torch.rand(rows, n_image, generator=generator, device=device)  # (R, N)
+
+    codes = torch.empty(rows, n_image, dtype=torch.long, device=device)
+    logits_out = None
+    if return_logits:
+        logits_out = torch.full((rows, n_image, config.image_vocab), float("nan"), device=device)
+    chunk = batch_size or rows
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for begin in range(0, rows, chunk):
+                end = min(begin + chunk, rows)
+                codes[begin:end] = _decode(
+                    model, rows_text[begin:end], None if rows_prime is None else rows_prime[begin:end],
+                    uniforms[begin:end], temperature, top_k, top_p, cond_scale, use_cache,
+                    None if logits_out is None else logits_out[begin:end])
+    finally:
+        model.train(was_training)
+    return (codes, logits_out) if return_logits else codes
+
+
+def _decode(model: DalleTransformer, text: Tensor, prime: Tensor | None, uniforms: Tensor,
+            temperature: float, top_k: int | None, top_p: float | None, cond_scale: float,
+            use_cache: bool, logits_out: Tensor | None) -> Tensor:
+    """The decode loop for one batch of rows; returns (r, N) codes."""
+    rows = text.shape[0]
+    n_image = model.image_len
+    guided = cond_scale != 1.0
+    codes = torch.empty(rows, n_image, dtype=torch.long, device=text.device)
+    start = 0 if prime is None else prime.shape[1]
+    if start:
+        codes[:, :start] = prime
+    if start == n_image:
+        return codes
+    if guided:  # [conditional rows; unconditional rows] in one batch
+        text = torch.cat([text, empty_captions(rows, model.config.text_vocab, model.text_len, text.device)])
+    twin = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)
+
+    cache = model.new_cache(text.shape[0]) if use_cache else None
+    logits = model.prefill(text, twin(codes[:, :start]), cache) if use_cache else None  # (r or 2r, Vi)
+    for index in range(start, n_image):
+        if not use_cache:
+            logits = model.prefill(text, twin(codes[:, :index]))  # the whole stream again
+        step_logits = guide(logits, cond_scale) if guided else logits  # (r, Vi)
+        if logits_out is not None:
+            logits_out[:, index] = step_logits.float()
+        tokens = choose_tokens(step_logits, uniforms[:, index], temperature, top_k, top_p)  # (r,)
+        codes[:, index] = tokens
+        if use_cache and index + 1 < n_image:
+            logits = model.decode_step(twin(tokens), index, cache)
+    return codes
+
+
+def _check_sampling_args(model: DalleTransformer, text: Tensor, prime: Tensor | None, num_candidates: int,
+                         temperature: float, top_k: int | None, top_p: float | None,
+                         batch_size: int | None) -> None:
+    """One-line errors for arguments a caller can get wrong."""
+    config = model.config
+    if not isinstance(text, Tensor) or text.dim() != 2 or text.shape[1] != model.text_len:
+        shape = tuple(text.shape) if isinstance(text, Tensor) else type(text).__name__
+        raise DalleError(f"text must be a (batch, {model.text_len}) tensor of token ids, got {shape}")
+    if text.dtype.is_floating_point or text.dtype == torch.bool:
+        raise DalleError(f"text must hold integer token ids, got {text.dtype}")
+    if text.numel() and (int(text.min()) < 0 or int(text.max()) >= config.text_vocab):
+        raise DalleError(f"text ids must be in [0, {config.text_vocab}), got {int(text.min())}..{int(text.max())}")
+    if prime is not None:
+        if prime.dim() != 2 or prime.shape[0] != text.shape[0] or prime.shape[1] > model.image_len:
+            raise DalleError(f"prime must be (batch={text.shape[0]}, k <= {model.image_len}) image codes, "
+                             f"got {tuple(prime.shape)}")
+        if prime.dtype.is_floating_point or prime.dtype == torch.bool:
+            raise DalleError(f"prime must hold integer image codes, got {prime.dtype}")
+        if prime.numel() and (int(prime.min()) < 0 or int(prime.max()) >= config.image_vocab):
+            raise DalleError(f"prime codes must be in [0, {config.image_vocab})")
+    if num_candidates < 1:
+        raise DalleError(f"num_candidates must be >= 1, got {num_candidates}")
+    if temperature < 0:
+        raise DalleError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise DalleError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise DalleError(f"top_p must be in (0, 1], got {top_p}")
+    if batch_size is not None and batch_size < 1:
+        raise DalleError(f"batch_size must be >= 1, got {batch_size}")

@@ -1,0 +1,180 @@
+"""The discrete VAE: shapes, gradients, losses that fall, schedules, save/load, metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dalle.checkpoint import CheckpointError
+from dalle.config import DVAEConfig
+from dalle.dvae import (
+    DVAE,
+    codebook_stats,
+    decode,
+    encode,
+    kl_to_uniform,
+    kl_weight_at,
+    load_dvae,
+    logit_laplace_nll,
+    psnr,
+    save_dvae,
+    temperature_at,
+)
+
+
+def tiny(**overrides) -> DVAEConfig:
+    values = dict(image_size=16, hidden=16, blocks_per_group=1, groups=3, codebook_size=32, decoder_init=16)
+    values.update(overrides)
+    return DVAEConfig(**values)
+
+
+def toy_images(n: int = 8, size: int = 16, seed: int = 0) -> torch.Tensor:
+    """Black pictures with one flat coloured rectangle each: (n, 3, size, size) in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.zeros(n, 3, size, size)
+    for i in range(n):
+        y, x = torch.randint(0, size // 2, (2,), generator=g).tolist()
+        h, w = torch.randint(3, size // 2, (2,), generator=g).tolist()
+        images[i, :, y : y + h, x : x + w] = torch.rand(3, 1, 1, generator=g)
+    return images
+
+
+def test_forward_shapes_and_gradients():
+    torch.manual_seed(0)
+    model = DVAE(tiny())
+    images = toy_images(4)
+    out = model(images, temperature=1.0, kl_weight=6.6)
+    assert out["logits"].shape == (4, 32, 4, 4)  # 3 groups: 16 / 2**2 = 4
+    assert out["reconstruction"].shape == images.shape
+    assert 0.0 <= out["reconstruction"].min() and out["reconstruction"].max() <= 1.0
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    assert 0.0 <= out["kl"].item() <= math.log(32) + 1e-5
+    out["loss"].backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+    # Every encoder weight gets signal through the relaxed codes, not just the decoder's.
+    assert model.encoder.input.weight.grad.abs().sum() > 0
+
+
+def test_grid_size_follows_groups():
+    for groups, grid in ((1, 16), (2, 8), (4, 2)):
+        config = tiny(groups=groups)
+        assert config.grid_size == grid
+        assert encode(DVAE(config), toy_images(2)).shape == (2, grid, grid)
+
+
+@pytest.mark.parametrize("loss", ["logit_laplace", "mse"])
+def test_tiny_training_lowers_the_loss(loss):
+    torch.manual_seed(0)
+    config = tiny(loss=loss)
+    model = DVAE(config)
+    images = toy_images(8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(20):
+        out = model(images, temperature=1.0, kl_weight=0.0)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        losses.append(out["recon_loss"].item())
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < first - 0.1 * abs(first), losses
+
+
+def test_logit_laplace_nll_is_a_density():
+    # Integrates to 1 over (0, 1) for any location and scale.
+    x = torch.linspace(1e-6, 1 - 1e-6, 200_001, dtype=torch.float64)
+    for mu, log_scale in ((0.0, 0.0), (1.5, -1.0), (-2.0, 0.5)):
+        density = torch.exp(-logit_laplace_nll(x, torch.tensor(mu), torch.tensor(log_scale)))
+        assert torch.trapezoid(density, x).item() == pytest.approx(1.0, abs=2e-3)
+
+
+def test_kl_to_uniform():
+    assert kl_to_uniform(torch.zeros(1, 8, 2, 2)).abs().max() < 1e-6  # uniform q: 0
+    peaked = torch.full((1, 8, 1, 1), -1e4)
+    peaked[0, 3] = 0
+    assert kl_to_uniform(peaked).item() == pytest.approx(math.log(8), abs=1e-4)  # one-hot q: log K
+
+
+def test_schedules_ends_and_middle():
+    config = DVAEConfig(temperature_start=1.0, temperature_end=1 / 16, temperature_steps=1000,
+                        kl_weight_end=6.6, kl_warmup_steps=100)
+    assert temperature_at(config, 0) == pytest.approx(1.0)
+    assert temperature_at(config, 500) == pytest.approx((1 + 1 / 16) / 2)  # cosine: halfway at half time
+    assert temperature_at(config, 1000) == pytest.approx(1 / 16)
+    assert temperature_at(config, 10_000) == pytest.approx(1 / 16)  # held after the anneal
+    assert temperature_at(config, 250) > (1 + 1 / 16) / 2 > temperature_at(config, 750)
+    assert kl_weight_at(config, 0) == 0.0
+    assert kl_weight_at(config, 50) == pytest.approx(3.3)
+    assert kl_weight_at(config, 100) == pytest.approx(6.6)
+    assert kl_weight_at(config, 5000) == pytest.approx(6.6)
+    assert kl_weight_at(dataclasses.replace(config, kl_warmup_steps=0), 0) == pytest.approx(6.6)
+
+
+def test_encode_decode_shapes_and_dtypes():
+    model = DVAE(tiny()).eval()
+    codes = encode(model, toy_images(3))
+    assert codes.shape == (3, 4, 4) and codes.dtype == torch.int64
+    assert 0 <= codes.min() and codes.max() < 32
+    pictures = decode(model, codes)
+    assert pictures.shape == (3, 3, 16, 16) and pictures.dtype == torch.float32
+    assert 0.0 <= pictures.min() and pictures.max() <= 1.0
+
+
+def test_metrics():
+    a = torch.rand(2, 3, 8, 8)
+    assert psnr(a, a) == pytest.approx(100.0)
+    assert psnr(a, (a + 0.1).clamp(0, 1)) > psnr(a, (a + 0.3).clamp(0, 1))
+    assert psnr(torch.zeros(1, 3, 4, 4), torch.full((1, 3, 4, 4), 0.1)) == pytest.approx(20.0)
+    stats = codebook_stats(torch.tensor([[0, 1], [2, 3]]), 8)
+    assert stats["perplexity"] == pytest.approx(4.0)
+    assert stats["used_fraction"] == 0.5 and stats["dead_codes"] == 4
+    assert codebook_stats(torch.zeros(5, dtype=torch.int64), 8)["perplexity"] == pytest.approx(1.0)
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = DVAE(tiny()).eval()
+    save_dvae(model, tmp_path / "dvae")
+    loaded = load_dvae(tmp_path / "dvae")
+    assert loaded.config == model.config and not loaded.training
+    images = toy_images(2)
+    codes = encode(model, images)
+    assert torch.equal(encode(loaded, images), codes)
+    assert torch.equal(decode(loaded, codes), decode(model, codes))
+
+
+def test_mismatched_checkpoint_fails_with_one_line(tmp_path):
+    save_dvae(DVAE(tiny()), tmp_path / "dvae")
+    # Another codebook size written into the config: the weights no longer fit.
+    meta_path = tmp_path / "dvae" / "config.json"
+    meta = json.loads(meta_path.read_text())
+    meta["config"]["codebook_size"] = 64
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="encoder.output.conv") as error:
+        load_dvae(tmp_path / "dvae")
+    assert "\n" not in str(error.value)
+
+    # A missing weight.
+    meta["config"]["codebook_size"] = 32
+    meta_path.write_text(json.dumps(meta))
+    weights = tmp_path / "dvae" / "model.safetensors"
+    state = load_file(str(weights))
+    del state["decoder.input.weight"]
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match="missing weight 'decoder.input.weight'") as error:
+        load_dvae(tmp_path / "dvae")
+    assert "\n" not in str(error.value)
+
+    # Another kind of model, and no model at all.
+    meta["kind"] = "clip"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="expected a 'dvae' model"):
+        load_dvae(tmp_path / "dvae")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_dvae(tmp_path / "nothing")

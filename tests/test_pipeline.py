@@ -1,0 +1,84 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dalle
+from dalle.checkpoint import CheckpointError
+from dalle.config import DVAEConfig
+from dalle.dvae import DVAE, save_dvae
+from dalle.pipeline import load_pipeline
+
+
+def test_pipeline_returns_ranked_pictures(tiny_pipeline):
+    pipeline = dalle.load_pipeline(tiny_pipeline)
+    results = pipeline(["a red circle", "a blue square above a green circle"], candidates=4, keep=2, seed=3)
+    assert len(results) == 2 and all(len(r) == 2 for r in results)
+    first = results[0]
+    assert [s.rank for s in first] == [1, 2]
+    assert first[0].clip_score >= first[1].clip_score
+    assert first[0].image.size == (32, 32)
+    again = pipeline(["a red circle"], candidates=4, keep=2, seed=3)[0]
+    assert [s.image.tobytes() for s in again] == [s.image.tobytes() for s in first]
+
+
+def test_no_rerank_keeps_sampling_order(tiny_pipeline):
+    pipeline = load_pipeline(tiny_pipeline)
+    kept = pipeline(["a red circle"], candidates=3, keep=3, seed=0, rerank_with_clip=False)[0]
+    assert [s.candidate for s in kept] == [0, 1, 2] and [s.rank for s in kept] == [1, 2, 3]
+    ranked = pipeline(["a red circle"], candidates=3, keep=3, seed=0)[0]
+    assert sorted(s.image.tobytes() for s in ranked) == sorted(s.image.tobytes() for s in kept)
+
+
+def test_priming_keeps_the_top_rows(tiny_pipeline):
+    from dalle.dvae import encode
+    from dalle.rerank import pil_to_tensor
+    from dalle.shapes import render
+
+    pipeline = load_pipeline(tiny_pipeline)
+    image, caption = render("test", 0, 1, 32)
+    out = pipeline([caption], candidates=2, keep=2, prime_image=image, prime_rows=3, rerank_with_clip=False)[0]
+    grid = pipeline.dvae.config.grid_size
+    want = encode(pipeline.dvae, pil_to_tensor(image)[None]).flatten(1)[0, : 3 * grid]
+    for sample in out:
+        got = encode(pipeline.dvae, pil_to_tensor(sample.image)[None]).flatten(1)[0, : 3 * grid]
+        assert (got == want).float().mean() > 0.6  # decode -> encode of the primed rows mostly returns them
+
+
+def test_stages_that_do_not_fit_are_named(tiny_pipeline, tmp_path):
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_pipeline, broken)
+    save_dvae(DVAE(DVAEConfig(hidden=8, codebook_size=64, groups=3)), broken / "dvae")
+    with pytest.raises(CheckpointError, match="expects 32 image codes, the dVAE has a codebook of 64"):
+        load_pipeline(broken)
+    shutil.rmtree(broken / "transformer")
+    with pytest.raises(CheckpointError, match="transformer is missing"):
+        load_pipeline(broken)
+
+
+def test_import_dalle_and_the_pipeline_import_no_training_code(tiny_pipeline):
+    code = ("import sys, dalle; p = dalle.load_pipeline(sys.argv[1]); p(['a red circle'], candidates=2); "
+            "print(sorted(m for m in ('accelerate', 'datasets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(tiny_pipeline)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_guided_sampling_runs_through_the_pipeline(tiny_pipeline):
+    pipeline = load_pipeline(tiny_pipeline)
+    out = pipeline(["a red circle"], candidates=2, keep=1, cond_scale=3.0, top_k=8, temperature=0.8)[0]
+    assert len(out) == 1 and isinstance(out[0].clip_score, float)
+    assert torch.isfinite(torch.tensor(out[0].clip_score))
+
+
+def test_eval_writes_metrics_and_report(tiny_pipeline, tmp_path):
+    from dalle.cli import main
+
+    assert main(["eval", "--model", str(tiny_pipeline), "--out", str(tmp_path), "--prompts", "2",
+                 "--candidates", "2"]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics) >= {"one_object", "two_objects", "held_out", "dvae_psnr"}
+    assert 0.0 <= metrics["one_object"]["top1_colour_shape"] <= 1.0
+    assert "<table>" in (tmp_path / "report.html").read_text()

@@ -1,0 +1,75 @@
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from dalle import shapes
+
+
+def test_palette_and_vocabulary_follow_the_contract():
+    assert shapes.COLOURS["red"] == (220, 40, 40)
+    assert shapes.COLOURS["white"] == (240, 240, 240)
+    assert len(shapes.COLOURS) == 8 and shapes.SHAPES == ("circle", "square", "triangle")
+    assert len(shapes.TRAIN_PAIRS) == 20
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_exported_pictures_are_true_to_their_captions(size):
+    # Our own reader, with the contract's geometry (0.25 S separation, less a pixel's rounding).
+    for index in range(300):
+        image, caption = shapes.render("test", 0, index, size)
+        verdict = shapes.judge(image, caption, min_separation=0.25 - 1.5 / size)
+        assert verdict["all"], (index, caption, verdict)
+        pixels = np.asarray(image).reshape(-1, 3)
+        allowed = {(0, 0, 0), *shapes.COLOURS.values()}
+        assert {tuple(p) for p in np.unique(pixels, axis=0)} <= allowed
+
+
+def test_no_held_out_pair_in_100k_training_captions():
+    seen_pairs, colours, kinds = Counter(), Counter(), Counter()
+    for index in range(100_000):
+        scene = shapes.sample_scene("train", 0, index)
+        for colour, shape in scene.objects:
+            seen_pairs[(colour, shape)] += 1
+            colours[colour] += 1
+            kinds[shape] += 1
+    assert not set(seen_pairs) & shapes.HELD_OUT
+    assert set(colours) == set(shapes.COLOURS) and set(kinds) == set(shapes.SHAPES)
+
+
+def test_test_split_uses_held_out_pairs():
+    pairs = {p for i in range(2000) for p in shapes.sample_scene("test", 0, i).objects}
+    assert shapes.HELD_OUT <= pairs
+
+
+def test_canonical_captions_and_parser():
+    assert shapes.caption_of(shapes.Scene(objects=(("orange", "triangle"),), position="center")) == (
+        "an orange triangle in the center")
+    scene = shapes.parse_caption("a green triangle to the left of a white circle")
+    assert scene.relation == "to the left of" and scene.objects == (("green", "triangle"), ("white", "circle"))
+    assert shapes.parse_caption("a small blue square in the top left").size == "small"
+    assert shapes.parse_caption("a picture of a red circle").objects == (("red", "circle"),)
+    assert shapes.parse_caption("a pink circle") is None
+
+
+def test_same_triple_same_bytes_across_processes():
+    code = ("import hashlib; from dalle.shapes import render; "
+            "print(hashlib.sha256(b''.join(render('train', 3, i, 48)[0].tobytes() for i in range(50))).hexdigest())")
+    outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+               for _ in range(2)}
+    assert len(outputs) == 1
+    local = __import__("hashlib").sha256(b"".join(shapes.render("train", 3, i, 48)[0].tobytes() for i in range(50)))
+    assert outputs.pop().strip() == local.hexdigest()
+
+
+def test_reader_rejects_wrong_pictures():
+    image, caption = shapes.render("test", 0, 0, 32)
+    scene = shapes.parse_caption(caption)
+    colour, shape = scene.objects[0]
+    other = next(c for c in shapes.COLOURS if c != colour)
+    wrong = caption.replace(colour, other, 1)
+    assert not shapes.judge(image, wrong)["colour_shape"]
+    blank = np.zeros((32, 32, 3), dtype=np.uint8)
+    assert not shapes.judge(blank, "a red circle")["all"]
