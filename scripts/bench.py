@@ -583,6 +583,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     spec = make_spec(args)
     started = time.perf_counter()
+    load_start = os.getloadavg()
     peer_imports = probe_peer_imports(args) if "peer" in args.sides else {}
     raw = []
     # Interleaved: for each repeat and task, ours then peer, each in a fresh process.
@@ -595,17 +596,25 @@ def main(argv: list[str] | None = None) -> None:
                                                                     "workload_mib", "partial", "error")}
                 print(f"[bench] {task:>13} {side:>4} #{repeat}: {json.dumps(shown)}", file=sys.stderr, flush=True)
     summary = summarise(raw, spec)
+    load = {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()],
+            "cpus": os.cpu_count()}
     print(markdown(summary, spec))
     print()
     print(f"Threads: {spec['threads']}; throughput is the best of {args.repeats} run(s), memory the largest; "
           f"peak memory = resident high-water mark over the post-import base (see the module doc).")
+    if max(load["start"][0], load["end"][0]) > (os.cpu_count() or 1):
+        # Measured here: with 2 threads on 2 busy cores, a decode step (many small ops) waits
+        # on a descheduled thread at every op, and the same sampling run varied 4-20x.
+        print(f"Warning: load average {load['start'][0]} at the start, {load['end'][0]} at the end on "
+              f"{load['cpus']} CPUs: other processes shared the cores, figures are noisy; "
+              "--threads 1 is steadier on a busy machine.")
     if "peer" in args.sides:
         print("Peer stand-ins: taming.models.vqgan (real import: "
               f"{peer_imports.get('taming.models.vqgan', '?')}).")
     out = {**{k: summary[k] for k in ("sampling_ratio", "sampling_guided_ratio", "training_ratio", "memory_ratio",
                                       "memory_ratio_train", "memory_ratio_sample", "dvae_ratio")},
            "ours": summary["ours"], "peer": summary["peer"], "config": spec,
-           "peer_imports": peer_imports, "peer_notes": PEER_NOTES, "raw": raw,
+           "peer_imports": peer_imports, "peer_notes": PEER_NOTES, "load_average": load, "raw": raw,
            "wall_s": round(time.perf_counter() - started, 1)}
     print(json.dumps(out))
 
