@@ -72,15 +72,21 @@ class TextEncoder(nn.Module):
         self.norm = nn.LayerNorm(config.text_dim)
 
     def forward(self, text_ids: torch.Tensor) -> torch.Tensor:
+        if text_ids.shape[0] == 0:
+            return self.norm.weight.new_zeros(0, self.norm.weight.shape[0])
         real = text_ids < self.first_pad_id  # (B, T)
         empty = ~real.any(dim=1, keepdim=True)  # (B, 1): all padding, e.g. the empty caption
         real = real | empty  # such rows use their padding rather than dividing by zero
-        x = self.token_embedding(text_ids) + self.position_embedding  # (B, T, D)
+        # Columns after the batch's last real token are masked keys and never pooled, so
+        # dropping them changes nothing but the cost (shapes captions fill ~10 of 24).
+        used = int(real.any(dim=0).nonzero().max()) + 1
+        text_ids, real = text_ids[:, :used], real[:, :used]  # (B, T')
+        x = self.token_embedding(text_ids) + self.position_embedding[:used]  # (B, T', D)
         keep = rearrange(real, "b t -> b 1 1 t")
         for block in self.blocks:
             x = block(x, keep)
-        x = self.norm(x)  # (B, T, D)
-        weights = real.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
+        x = self.norm(x)  # (B, T', D)
+        weights = real.to(x.dtype).unsqueeze(-1)  # (B, T', 1)
         return (x * weights).sum(dim=1) / weights.sum(dim=1)  # (B, D)
 
 

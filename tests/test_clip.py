@@ -175,3 +175,9 @@ def test_bad_input_is_one_line():
         model(captions([1, 2]), pictures(3))
     with pytest.raises(ConfigError, match="clip.text_vocab"):
         tiny_config(text_vocab=TEXT_LEN)
+
+
+def test_empty_batches():
+    model = make_model()
+    assert model.encode_text(captions([])).shape == (0, 16)
+    assert model.encode_image(pictures(0)).shape == (0, 16)

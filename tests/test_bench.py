@@ -1,0 +1,80 @@
+"""scripts/bench.py without the peer: configuration, memory probe, summary and output."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paper_layout_matches_the_paper(bench):
+    assert bench.paper_layout(4) == ["row", "row", "column", "conv"]
+    assert bench.paper_layout(8) == ["row", "row", "column", "row", "row", "row", "column", "conv"]
+    masks = pytest.importorskip("dalle.masks")
+    for depth in (1, 4, 7, 12):
+        assert bench.paper_layout(depth) == masks.layer_patterns(["paper"], depth)
+
+
+def test_spec_rejects_what_the_peer_cannot_build(bench):
+    with pytest.raises(SystemExit):
+        bench.make_spec(bench.parse_args(["--grid", "12"]))
+    spec = bench.make_spec(bench.parse_args(["--grid", "8", "--depth", "4"]))
+    assert spec["image_len"] == 64 and spec["dim_head"] * spec["heads"] == spec["dim"]
+    assert all(pattern in bench.PEER_ATTN for pattern in spec["attention"])
+
+
+def test_peak_memory_sees_a_fresh_allocation(bench):
+    mark = bench.reset_peak()
+    block = bytearray(64 * 1024 * 1024)
+    block[::4096] = b"\x01" * len(block[::4096])  # touch every page
+    peak = bench.read_peak(mark)
+    del block
+    assert peak["workload_mib"] >= 60
+    assert peak["peak_rss_mib"] >= peak["base_rss_mib"]
+
+
+def fake_raw():
+    def run(side, task, repeat, **result):
+        return {"side": side, "task": task, "repeat": repeat, "result": result}
+
+    return [
+        run("ours", "train", 0, tokens_per_s=300.0, workload_mib=50.0, params=10),
+        run("peer", "train", 0, tokens_per_s=100.0, workload_mib=100.0, params=10),
+        run("ours", "train", 1, tokens_per_s=200.0, workload_mib=60.0, params=10),
+        run("peer", "train", 1, tokens_per_s=150.0, workload_mib=90.0, params=10),
+        run("ours", "sample", 0, tokens_per_s=400.0, workload_mib=20.0),
+        run("peer", "sample", 0, tokens_per_s=10.0, workload_mib=40.0, partial=True),
+        run("ours", "sample_guided", 0, error="boom"),
+        run("peer", "sample_guided", 0, tokens_per_s=5.0, workload_mib=45.0),
+    ]
+
+
+def test_summary_takes_best_throughput_and_largest_memory(bench):
+    summary = bench.summarise(fake_raw(), {})
+    assert summary["training_ratio"] == 2.0  # best 300 over best 150
+    assert summary["sampling_ratio"] == 40.0
+    assert summary["sampling_guided_ratio"] is None
+    assert summary["ours"]["sample_guided"]["error"] == "boom"
+    assert summary["peer"]["sample"]["partial"] is True
+    assert summary["memory_ratio_train"] == 0.6  # largest 60 over largest 100
+    assert summary["memory_ratio"] == 0.6  # ours max(60, 20) over peer max(100, 40, 45)
+    assert summary["dvae_ratio"] is None
+
+
+def test_markdown_marks_partial_and_failed_cells(bench):
+    spec = bench.make_spec(bench.parse_args([]))
+    table = bench.markdown(bench.summarise(fake_raw(), spec), spec)
+    assert "| transformer training, tokens/s | 300.0 | 150.0 | 2.00x |" in table
+    assert "10.0 (partial)" in table
+    assert "| error | 5.0 | - |" in table
+    json.dumps(bench.summarise(fake_raw(), spec))  # the last line must serialise
