@@ -65,7 +65,8 @@ def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def bench_training(config: TransformerConfig, device: torch.device, batch: int, steps: int, compile_model: bool) -> dict:
+def bench_training(config: TransformerConfig, device: torch.device, batch: int, steps: int,
+                   compile_model: bool) -> dict:
     torch.manual_seed(0)
     model = DalleTransformer(config).to(device)
     params = parameter_count(model)
