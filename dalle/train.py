@@ -46,6 +46,10 @@ class TrainingError(DalleError):
     """Training cannot go on (data mostly broken, loss keeps blowing up)."""
 
 
+class TrainingInterrupted(DalleError):
+    """SIGTERM or SIGINT: the run wrote a checkpoint and stopped; rerunning resumes it."""
+
+
 # ----------------------------------------------------------------------------- batches
 
 
@@ -401,6 +405,9 @@ def fit(model: torch.nn.Module, batches, step_fn: Callable, config: TrainConfig,
                 stopped_early = step < config.steps
                 save_training_state(state_dir, step, raw_model, optimizer, scheduler, ema, config.keep_checkpoints,
                                     accelerator)
+                if stop_requested:
+                    raise TrainingInterrupted(f"[{stage}] stopped by signal {stop_requested[0]} at step {step}; "
+                                              f"the checkpoint is in {state_dir}: run the same command to resume")
                 break
             if at_checkpoint and step < config.steps:
                 save_training_state(state_dir, step, raw_model, optimizer, scheduler, ema, config.keep_checkpoints,
