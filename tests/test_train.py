@@ -1,4 +1,5 @@
 import os
+from dataclasses import replace
 import signal
 
 import pytest
@@ -113,3 +114,16 @@ def test_sample_grids_during_training(tmp_path):
     stages.train_dvae(config, progress=False)
     stages.train_transformer(config, progress=False)
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step-00000002.png", "step-00000004.png"]
+
+
+def test_ema_weights_are_the_published_model(tmp_path):
+    config = load_config(None, ["train.dvae.steps=6", "train.dvae.ema=0.5", "train.dvae.warmup_steps=1",
+                                "train.dvae.lr=0.1"]).train.dvae
+    data = TableBatches({"x": torch.randn(64, 4)}, batch_size=8)
+    plain, averaged = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+    averaged.load_state_dict(plain.state_dict())
+    step_fn = lambda m, b, s: {"loss": m(b["x"]).pow(2).mean()}  # noqa: E731
+    fit(plain, data, step_fn, replace(config, ema=0.0), tmp_path / "a", "a", lambda m, d: None, progress=False)
+    fit(averaged, data, step_fn, config, tmp_path / "b", "b", lambda m, d: None, progress=False)
+    assert not torch.equal(plain.weight, averaged.weight)  # the average lags the raw weights
+    assert (averaged.weight - plain.weight).abs().max() < 1.0
