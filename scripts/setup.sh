@@ -16,7 +16,7 @@ stamp=.venv/.dalle-install-stamp
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "[setup] installing the project" >&2
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,digits]"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,digits,hf]"
     # OpenAI's dVAE package, for the parity test only: its own requirements pull a CUDA
     # torchvision, so it goes in without dependencies.
     .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps dall-e==0.1
