@@ -1,6 +1,6 @@
 import os
-from dataclasses import replace
 import signal
+from dataclasses import replace
 
 import pytest
 import torch
