@@ -286,6 +286,8 @@ def fit(model: torch.nn.Module, batches, step_fn: Callable, config: TrainConfig,
     from accelerate.utils import set_seed
 
     run_dir = Path(run_dir)
+    # Denormal floats (from dead or saturated units) make CPU convolutions many times slower.
+    torch.set_flush_denormal(True)
     state_dir = run_dir / "train-state" / stage
     log_path = run_dir / "logs" / f"{stage}.jsonl"
     mixed = config.mixed_precision
