@@ -428,20 +428,27 @@ def run_worker(side: str, task: str, spec: dict, args: argparse.Namespace) -> di
         python = str(peer_python(args))
         env.pop("PYTHONPATH", None)  # the peer's interpreter must not see our package
     command = [python, str(Path(__file__).resolve()), "--worker", side, "--task", task, "--spec", json.dumps(spec)]
-    start = time.perf_counter()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.worker_timeout,
-                              cwd=str(ROOT) if side == "peer" else None)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {args.worker_timeout} s"}
-    except OSError as error:
-        return {"error": f"{type(error).__name__}: {error}"}
+    for attempt in range(2):  # a worker killed by a signal from outside gets one more try
+        start = time.perf_counter()
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.worker_timeout,
+                                  cwd=str(ROOT) if side == "peer" else None)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {args.worker_timeout} s"}
+        except OSError as error:
+            return {"error": f"{type(error).__name__}: {error}"}
+        if done.returncode >= 0:
+            break
+        print(f"[bench] {task} {side}: killed by signal {-done.returncode}, attempt {attempt + 1}",
+              file=sys.stderr, flush=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         return {"error": f"exit {done.returncode}: {tail[0][:500]}"}
     result = json.loads(lines[-1])
     result["wall_s"] = round(time.perf_counter() - start, 2)
+    if attempt:
+        result["attempts"] = attempt + 1
     return result
 
 
