@@ -96,7 +96,9 @@ class ImageEncoder(nn.Module):
     def __init__(self, config: CLIPConfig):
         super().__init__()
         grid = config.image_size // config.patch_size
-        self.patch_embedding = nn.Conv2d(3, config.vision_dim, config.patch_size, stride=config.patch_size)
+        stem = config.vision_stem
+        self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, padding=1), nn.GELU()) if stem else nn.Identity()
+        self.patch_embedding = nn.Conv2d(stem or 3, config.vision_dim, config.patch_size, stride=config.patch_size)
         self.class_token = nn.Parameter(torch.randn(config.vision_dim) * 0.02)
         self.position_embedding = nn.Parameter(torch.randn(grid * grid + 1, config.vision_dim) * 0.01)
         self.norm_pre = nn.LayerNorm(config.vision_dim)
@@ -105,7 +107,7 @@ class ImageEncoder(nn.Module):
         self.norm_post = nn.LayerNorm(config.vision_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        patches = rearrange(self.patch_embedding(images), "b d h w -> b (h w) d")  # (B, N, D)
+        patches = rearrange(self.patch_embedding(self.stem(images)), "b d h w -> b (h w) d")  # (B, N, D)
         cls = repeat(self.class_token, "d -> b 1 d", b=patches.shape[0])  # (B, 1, D)
         x = torch.cat([cls, patches], dim=1) + self.position_embedding  # (B, N + 1, D)
         x = self.norm_pre(x)

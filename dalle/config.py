@@ -83,6 +83,15 @@ class DVAEConfig:
     # Hard one-hot codes forward, relaxed gradients backward (not in the paper, which
     # relaxes both ways); closes the gap between training and argmax decoding in short runs.
     straight_through: bool = False
+    # Gumbel noise on the logits before the (relaxed) argmax, as in the paper. Off, the codes
+    # are the encoder's own argmax (with straight_through) or softmax(logits / temperature):
+    # deterministic from the first step, so the decoder learns from informative codes at once
+    # instead of from near-random samples of still-flat logits (which collapsed short runs).
+    gumbel_noise: bool = True
+    # Weight of log K - H(mean code distribution over the batch): pushes the encoder to use
+    # the whole codebook across pictures, where the paper's per-cell KL to the uniform prior
+    # only makes each cell unsure. 0 (the paper) leaves it out.
+    usage_weight: float = 0.0
 
     def __post_init__(self):
         _check(self.groups >= 1, "dvae.groups", "must be >= 1")
@@ -142,6 +151,10 @@ class CLIPConfig:
     vision_heads: int = 4
     patch_size: int = 4
     image_size: int = 32
+    # Channels of a 3x3 convolution (+ GELU) run on the pixels before the patches are cut;
+    # 0 keeps the plain ViT. A nonlinear stem sees edges and corners, so small pictures'
+    # shapes are learnt far sooner ("Early Convolutions Help Transformers See Better").
+    vision_stem: int = 0
     init_temperature: float = 1.0 / 0.07  # CLIP paper; the learned scale is clamped at 100
     # Filled from the tokenizer when training starts.
     text_len: int = 24
@@ -151,6 +164,7 @@ class CLIPConfig:
         _check(self.image_size % self.patch_size == 0, "clip.image_size", "must be divisible by clip.patch_size")
         _check(self.text_dim % self.text_heads == 0, "clip.text_dim", "must be divisible by clip.text_heads")
         _check(self.vision_dim % self.vision_heads == 0, "clip.vision_dim", "must be divisible by clip.vision_heads")
+        _check(self.vision_stem >= 0, "clip.vision_stem", "must be >= 0 (0: no convolutional stem)")
         _check(self.text_vocab > self.text_len, "clip.text_vocab",
                f"must exceed clip.text_len (BPE ids + one padding id per position), got {self.text_vocab}")
         _check(self.init_temperature > 0, "clip.init_temperature", "must be > 0")

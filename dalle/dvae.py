@@ -163,7 +163,10 @@ class DVAE(nn.Module):
         c = self.config
         target = squeeze_pixels(images, c.eps)  # (B, C, H, W) in [eps, 1 - eps]
         logits = self.encoder(target).float()  # (B, K, h, w); float32 even under autocast
-        codes = gumbel_softmax(logits, temperature)  # (B, K, h, w), sums to 1 over K
+        if c.gumbel_noise:
+            codes = gumbel_softmax(logits, temperature)  # (B, K, h, w), sums to 1 over K
+        else:
+            codes = torch.softmax(logits / temperature, dim=1)  # (B, K, h, w), sums to 1 over K
         if c.straight_through:  # forward the one-hot of the sample, backward through the relaxation
             hard = F.one_hot(codes.argmax(dim=1), c.codebook_size).permute(0, 3, 1, 2).to(codes.dtype)
             codes = hard + codes - codes.detach()
@@ -181,6 +184,8 @@ class DVAE(nn.Module):
         # leaves beta's meaning as in the paper.
         cells_per_value = logits.shape[2] * logits.shape[3] / images[0].numel()
         loss = recon_loss + kl_weight * cells_per_value * kl.mean()
+        if c.usage_weight:
+            loss = loss + c.usage_weight * usage_deficit(logits)
         return {
             "loss": loss,
             "recon_loss": recon_loss.detach(),
@@ -221,6 +226,14 @@ def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
     """KL(q || uniform over K) per grid cell, in nats: sum q log q + log K. (B, K, h, w) -> (B, h, w)."""
     log_q = torch.log_softmax(logits, dim=1)
     return (log_q.exp() * log_q).sum(dim=1) + math.log(logits.shape[1])
+
+
+def usage_deficit(logits: torch.Tensor) -> torch.Tensor:
+    """log K - H(p), p the code distribution averaged over every cell of the batch: 0 when the
+    batch uses all K codes equally, log K when it uses one. (B, K, h, w) -> scalar, in nats."""
+    mean_q = torch.softmax(logits, dim=1).mean(dim=(0, 2, 3))  # (K,)
+    entropy = -(mean_q * torch.log(mean_q.clamp_min(1e-12))).sum()
+    return math.log(logits.shape[1]) - entropy
 
 
 # ----------------------------------------------------------------------------- schedules

@@ -364,6 +364,17 @@ def _relation_holds(a: DetectedObject, b: DetectedObject, relation: str, canvas:
     return a.cx - b.cx >= need
 
 
+def reads_same(original: Image.Image | np.ndarray, copy: Image.Image | np.ndarray, caption: str) -> bool:
+    """Whether the reader reads a copy of a picture (e.g. a dVAE reconstruction) as the original:
+    the same objects (colour, shape, size word) and the same verdict on every part of its caption."""
+    def read(image):
+        pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+        canvas = pixels.shape[0]
+        return sorted((o.colour, o.shape, _size_word(o.side, canvas) or "-") for o in read_objects(pixels))
+
+    return read(original) == read(copy) and judge(original, caption) == judge(copy, caption)
+
+
 def judge(image: Image.Image | np.ndarray, caption: str, min_separation: float = 0.15) -> dict[str, bool]:
     """Reads a picture and says which parts of a canonical caption it shows.
 

@@ -136,11 +136,13 @@ def train_dvae(config: Config, resume: str | None = "auto", progress: bool = Tru
         raise DalleError(f"dvae.image_size ({config.dvae.image_size}) must equal data.size ({config.data.size})")
     train = config.train.dvae
     torch.manual_seed(train.seed)
-    model = DVAE(config.dvae)
+    # channels_last: the CPU's oneDNN convolutions run about 1.2x faster on it.
+    model = DVAE(config.dvae).to(memory_format=torch.channels_last)
     batches = image_caption_batches(config, train, progress)
 
     def step_fn(model, batch, step):
-        out = model(to_float(batch["images"]), temperature_at(config.dvae, step), kl_weight_at(config.dvae, step))
+        images = to_float(batch["images"]).contiguous(memory_format=torch.channels_last)
+        out = model(images, temperature_at(config.dvae, step), kl_weight_at(config.dvae, step))
         return {k: v for k, v in out.items() if k in ("loss", "recon_loss", "kl")}
 
     result = fit(model, batches, step_fn, train, config.run_dir, "dvae", resume=resume,
@@ -171,22 +173,25 @@ def evaluate_dvae(config: Config, n: int = 500, progress: bool = True) -> dict[s
     summary = {"psnr": psnr(originals, recons), **codebook_stats(codes, config.dvae.codebook_size),
                "codebook_size": config.dvae.codebook_size, "grid": config.dvae.grid_size}
     recon_uint8 = (recons.clamp(0, 1) * 255).round().to(torch.uint8)
+    failures: list[int] = []
     if config.data.source == "shapes":
-        agree = 0
-        for original, recon in zip(images, recon_uint8):
-            read_a = [(o.colour, o.shape) for o in shapes.read_objects(original.permute(1, 2, 0).numpy())]
-            read_b = [(o.colour, o.shape) for o in shapes.read_objects(recon.permute(1, 2, 0).numpy())]
-            agree += sorted(read_a) == sorted(read_b)
-        summary["reader_agreement"] = agree / len(images)
+        same = [shapes.reads_same(original.permute(1, 2, 0).numpy(), recon.permute(1, 2, 0).numpy(), caption)
+                for original, recon, caption in zip(images, recon_uint8, captions)]
+        summary["reader_agreement"] = sum(same) / len(images)
+        failures = [i for i, ok in enumerate(same) if not ok]
     from PIL import Image
 
     def pil(t):
         return Image.fromarray(t.permute(1, 2, 0).numpy())
 
-    show = min(16, len(images))
-    grid = labelled_grid([[pil(t) for t in images[:show]], [pil(t) for t in recon_uint8[:show]]],
-                         row_titles=["originals", "reconstructions"], cell=64)
-    save_png(grid, run_dir / "reports" / "dvae-reconstructions.png")
+    show = list(range(min(16, len(images))))
+    rows = [[pil(images[i]) for i in show], [pil(recon_uint8[i]) for i in show]]
+    titles = ["originals", "reconstructions"]
+    if failures:  # the pictures the reader reads differently, where to look first
+        worst = failures[:16]
+        rows += [[pil(images[i]) for i in worst], [pil(recon_uint8[i]) for i in worst]]
+        titles += ["misread: originals", "misread: reconstructions"]
+    save_png(labelled_grid(rows, row_titles=titles, cell=64), run_dir / "reports" / "dvae-reconstructions.png")
     (run_dir / "reports" / "dvae-metrics.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -49,8 +49,9 @@ def make_model(seed: int = 0, **changes) -> CLIP:
     return CLIP(tiny_config(**changes))
 
 
-def test_shapes_and_normalised_embeddings():
-    model = make_model()
+@pytest.mark.parametrize("stem", [0, 8])
+def test_shapes_and_normalised_embeddings(stem):
+    model = make_model(vision_stem=stem)
     text, image = model.encode_text(captions([3, 6, 1, 0])), model.encode_image(pictures(4))
     assert text.shape == image.shape == (4, 16)
     torch.testing.assert_close(text.norm(dim=-1), torch.ones(4))

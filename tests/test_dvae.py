@@ -24,6 +24,7 @@ from dalle.dvae import (
     psnr,
     save_dvae,
     temperature_at,
+    usage_deficit,
 )
 
 
@@ -191,6 +192,47 @@ def test_straight_through_decodes_one_hot_codes_and_trains_the_encoder():
     torch.testing.assert_close(z, one_hot, atol=1e-6, rtol=0)  # hard codes forward (up to rounding)
     out["loss"].backward()
     assert model.encoder.input.weight.grad.abs().sum() > 0
+
+
+def test_without_gumbel_noise_the_codes_are_the_encoders_own_argmax():
+    torch.manual_seed(0)
+    model = DVAE(tiny(straight_through=True, gumbel_noise=False, loss="mse"))
+    seen = {}
+    model.decoder.input.register_forward_hook(lambda module, inputs, output: seen.update(z=inputs[0].detach()))
+    images = toy_images(2)
+    first = model(images, temperature=1.0, kl_weight=0.0)
+    z_first = seen["z"]
+    second = model(images, temperature=1.0, kl_weight=0.0)
+    torch.testing.assert_close(seen["z"], z_first)  # deterministic: no noise
+    torch.testing.assert_close(first["loss"], second["loss"])
+    assert torch.equal(seen["z"].argmax(1), encode(model, images))  # what decoding will see
+
+
+def test_usage_deficit_is_zero_for_even_use_and_log_k_for_one_code():
+    even = torch.zeros(2, 8, 2, 2)  # uniform over 8 codes in every cell
+    assert usage_deficit(even).item() == pytest.approx(0.0, abs=1e-6)
+    one = torch.full((2, 8, 2, 2), -1e4)
+    one[:, 3] = 0.0  # every cell certain of code 3
+    assert usage_deficit(one).item() == pytest.approx(math.log(8), abs=1e-4)
+    spread = torch.full((1, 8, 2, 4), -1e4)  # 8 cells, each certain of a different code
+    spread.view(1, 8, 8)[0, torch.arange(8), torch.arange(8)] = 0.0
+    assert usage_deficit(spread).item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_usage_term_adds_to_the_loss_and_has_gradients():
+    torch.manual_seed(0)
+    images = toy_images(4)
+    plain = DVAE(tiny(loss="mse"))
+    torch.manual_seed(1)
+    plain_out = plain(images, temperature=1.0, kl_weight=0.0)
+    with_usage = DVAE(tiny(loss="mse", usage_weight=0.5))
+    with_usage.load_state_dict(plain.state_dict())
+    torch.manual_seed(1)
+    out = with_usage(images, temperature=1.0, kl_weight=0.0)
+    expected = plain_out["loss"] + 0.5 * usage_deficit(out["logits"].detach())
+    torch.testing.assert_close(out["loss"].detach(), expected.detach())
+    out["loss"].backward()
+    assert with_usage.encoder.output.conv.weight.grad.abs().sum() > 0
 
 
 def test_shipped_config_builds():

@@ -73,3 +73,17 @@ def test_reader_rejects_wrong_pictures():
     assert not shapes.judge(image, wrong)["colour_shape"]
     blank = np.zeros((32, 32, 3), dtype=np.uint8)
     assert not shapes.judge(blank, "a red circle")["all"]
+
+
+def test_reads_same_compares_objects_sizes_and_verdicts():
+    image, caption = shapes.render("test", 0, 3, 32)
+    pixels = np.array(image)
+    assert shapes.reads_same(pixels, pixels.copy(), caption)
+    speck = pixels.copy()
+    speck[0, 0] = (240, 240, 240)  # one stray pixel is below the reader's noise floor
+    assert shapes.reads_same(pixels, speck, caption)
+    recoloured = pixels.copy()
+    colour = shapes.parse_caption(caption).objects[0][0]
+    recoloured[(pixels != 0).any(axis=-1)] = (40, 180, 60) if colour != "green" else (220, 40, 40)
+    assert not shapes.reads_same(pixels, recoloured, caption)
+    assert not shapes.reads_same(pixels, np.zeros_like(pixels), caption)
