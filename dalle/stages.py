@@ -226,7 +226,7 @@ def train_clip(config: Config, resume: str | None = "auto", progress: bool = Tru
 def evaluate_clip_shapes(config: Config, n: int = 500) -> dict[str, float]:
     """Zero-shot accuracy with the 24 colour-shape labels on one-object test pictures."""
     from dalle.clip import load_clip
-    from dalle.rerank import CLIPScorer, classify
+    from dalle.rerank import CLIPScorer, classify, embed_images, search
 
     run_dir = Path(config.run_dir)
     tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE, config.tokenizer.text_len)
@@ -245,8 +245,14 @@ def evaluate_clip_shapes(config: Config, n: int = 500) -> dict[str, float]:
     probs = classify(scorer, images, labels)
     right = (probs.argmax(1) == torch.tensor(truths)).numpy()
     held = np.array(held)
+    # Search: each label as a query over the same pictures; the share of the top 5 that show it.
+    embeddings = embed_images(scorer, images)
+    truth = torch.tensor(truths)
+    hits = [(truth[search(scorer, label, embeddings, 5)[0]] == index).float().mean().item()
+            for index, label in enumerate(labels)]
     return {"classify_accuracy": float(right.mean()),
-            "classify_accuracy_held_out": float(right[held].mean()) if held.any() else float("nan")}
+            "classify_accuracy_held_out": float(right[held].mean()) if held.any() else float("nan"),
+            "search_top5_precision": float(np.mean(hits)), "search_top5_precision_worst_label": float(min(hits))}
 
 
 # ----------------------------------------------------------------------------- transformer

@@ -182,3 +182,17 @@ def test_empty_batches():
     model = make_model()
     assert model.encode_text(captions([])).shape == (0, 16)
     assert model.encode_image(pictures(0)).shape == (0, 16)
+
+
+def test_shapes_evaluation_reports_classification_and_search(tiny_pipeline):
+    from dalle.config import load_config
+    from dalle.stages import evaluate_clip_shapes
+    from tests.conftest import TINY
+
+    config = load_config(TINY, [f"run_dir={tiny_pipeline}"])
+    metrics = evaluate_clip_shapes(config, n=48)
+    assert set(metrics) == {"classify_accuracy", "classify_accuracy_held_out", "search_top5_precision",
+                            "search_top5_precision_worst_label"}
+    for name, value in metrics.items():
+        assert value != value or 0.0 <= value <= 1.0, name  # NaN only when no held-out picture came up
+    assert metrics["search_top5_precision_worst_label"] <= metrics["search_top5_precision"]
