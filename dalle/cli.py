@@ -251,14 +251,14 @@ def search(model: str, images: str, query: str, k: int = 5, clip: str | None = N
 
 
 def evaluate(model: str, out: str, candidates: int = 16, prompts_per_set: int = 50, seed: int = 0,
-             data: str = "shapes") -> dict:
+             data: str = "shapes", clip: str | None = None) -> dict:
     """Measures a shapes (or digits) pipeline with the project's picture reader; writes metrics and a report."""
     from dalle.evaluate import evaluate_pipeline
 
     if data not in ("shapes", "digits"):
         raise DalleError(f"eval knows the shapes and digits data, not {data!r}")
     metrics = evaluate_pipeline(model, out, candidates=candidates, prompts_per_set=prompts_per_set, seed=seed,
-                                data=data)
+                                data=data, clip=clip)
     print(json.dumps(metrics))
     return metrics
 
@@ -362,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prompts", type=int, default=50, help="prompts per set")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--data", default="shapes", choices=["shapes", "digits"], help="what the model was trained on")
+    ev.add_argument("--clip", help="rerank with another CLIP: hf:NAME_OR_DIR or a CLIP model directory")
 
     dm = commands.add_parser("demo", help="train every stage on shapes, then sample, rerank and report")
     dm.add_argument("--out", default="runs/demo")
@@ -422,7 +423,7 @@ def run(args: argparse.Namespace) -> object:
     if args.command == "search":
         return search(args.model, args.images, args.query, args.k, args.clip, args.strip)
     if args.command == "eval":
-        return evaluate(args.model, args.out, args.candidates, args.prompts, args.seed, args.data)
+        return evaluate(args.model, args.out, args.candidates, args.prompts, args.seed, args.data, args.clip)
     if args.command == "demo":
         return demo(args.out, args.config, args.fresh, args.overrides, args.candidates, args.eval_prompts)
     raise DalleError(f"unknown command {args.command}")

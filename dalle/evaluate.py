@@ -198,7 +198,8 @@ def evaluate_digits(pipeline: Pipeline, out: Path, candidates: int, prompts_per_
 
 
 def evaluate_pipeline(model: str | Path, out: str | Path, candidates: int = 16, prompts_per_set: int = 50,
-                      seed: int = 0, progress: bool = True, data: str = "shapes", **sampling) -> dict:
+                      seed: int = 0, progress: bool = True, data: str = "shapes", clip: str | None = None,
+                      **sampling) -> dict:
     """Runs every prompt set on a pipeline directory; writes out/metrics.json and out/report.html.
 
     Args:
@@ -209,10 +210,11 @@ def evaluate_pipeline(model: str | Path, out: str | Path, candidates: int = 16, 
         seed: sampling seed of the first prompt.
         progress: show progress bars.
         data: "shapes" or "digits": what the model was trained on.
+        clip: another CLIP to rerank with (`hf:NAME_OR_DIR` or a CLIP model directory).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    pipeline = load_pipeline(model)
+    pipeline = load_pipeline(model, clip=clip)
     if data == "digits":
         metrics = {"digits": evaluate_digits(pipeline, out, candidates, max(1, prompts_per_set // 10), seed,
                                              progress, **sampling), "candidates": candidates}

@@ -122,11 +122,11 @@ def check_fit(tokenizer: Tokenizer, transformer: DalleTransformer, dvae: DVAE, s
     if t.image_grid != d.grid_size:
         raise CheckpointError(f"the transformer expects a {t.image_grid}x{t.image_grid} code grid, the dVAE makes "
                               f"{d.grid_size}x{d.grid_size}")
-    if isinstance(scorer, CLIPScorer):
-        c = scorer.model.config
-        if c.text_vocab != tokenizer.total_vocab or c.text_len != tokenizer.text_len:
+    if isinstance(scorer, CLIPScorer):  # our CLIP reads captions with its own tokenizer (maybe another length)
+        c, clip_tokenizer = scorer.model.config, scorer.tokenizer
+        if c.text_vocab != clip_tokenizer.total_vocab or c.text_len != clip_tokenizer.text_len:
             raise CheckpointError(f"the CLIP expects {c.text_len} text tokens from a vocabulary of {c.text_vocab}, "
-                                  f"the tokenizer gives {tokenizer.text_len} from {tokenizer.total_vocab}")
+                                  f"its tokenizer gives {clip_tokenizer.text_len} from {clip_tokenizer.total_vocab}")
 
 
 def load_pipeline(directory: str | Path, clip: str | None = None, device: str | torch.device = "cpu") -> Pipeline:
@@ -147,10 +147,8 @@ def load_pipeline(directory: str | Path, clip: str | None = None, device: str | 
     tokenizer = load_tokenizer(directory / TOKENIZER_FILE, transformer.config.text_len)
     dvae = load_dvae(directory / "dvae").to(device)
     scorer = None
-    if clip is not None:
-        scorer = load_scorer(clip, tokenizer=tokenizer, device=device)
-    elif (directory / "clip").is_dir():
-        scorer = load_scorer(directory / "clip", tokenizer=tokenizer, device=device)
+    if clip is not None or (directory / "clip").is_dir():
+        scorer = load_scorer_for(directory, clip, device=device)
     return Pipeline(tokenizer, transformer, dvae, scorer, directory)
 
 
@@ -161,6 +159,8 @@ def load_scorer_for(directory: str | Path, clip: str | None = None, device: str 
         return load_scorer(clip, device=device)
     tokenizer_path = directory / TOKENIZER_FILE
     clip_dir = Path(clip) if clip else directory / "clip"
+    if clip and (clip_dir.parent / TOKENIZER_FILE).is_file():  # a CLIP from another run: its own tokenizer
+        tokenizer_path = clip_dir.parent / TOKENIZER_FILE
     if not clip_dir.is_dir():
         if (directory / "config.json").is_file():  # the directory is itself a CLIP model directory
             clip_dir, tokenizer_path = directory, directory.parent / TOKENIZER_FILE

@@ -82,3 +82,18 @@ def test_eval_writes_metrics_and_report(tiny_pipeline, tmp_path):
     assert set(metrics) >= {"one_object", "two_objects", "held_out", "dvae_psnr"}
     assert 0.0 <= metrics["one_object"]["top1_colour_shape"] <= 1.0
     assert "<table>" in (tmp_path / "report.html").read_text()
+
+
+def test_a_clip_from_another_run_with_another_text_length_reranks(tiny_pipeline, tmp_path):
+    from dalle import stages
+    from dalle.config import load_config
+    from tests.conftest import TINY
+
+    other = tmp_path / "clip-run"
+    config = load_config(TINY, [f"run_dir={other}", "tokenizer.text_len=24", "train.clip.steps=2"])
+    stages.train_clip(config, progress=False)
+    pipeline = load_pipeline(tiny_pipeline, clip=str(other / "clip"))
+    assert pipeline.scorer.model.config.text_len == 24 != pipeline.transformer.config.text_len
+    samples = pipeline(["a red circle"], candidates=3, keep=3, seed=0)[0]
+    scores = [s.clip_score for s in samples]
+    assert scores == sorted(scores, reverse=True) and all(s == s for s in scores)
