@@ -159,7 +159,8 @@ class CLIP(nn.Module):
         images = self._prepare_images(images)  # (B, 3, S, S) in [-1, 1]
         return F.normalize(self.image_projection(self.vision(images)), dim=-1)  # (B, E)
 
-    def forward(self, text_ids: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, text_ids: torch.Tensor, images: torch.Tensor,
+                negative_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Scores every picture against every caption of the batch.
 
         Pair i (caption i, picture i) is the positive of row i. Captions that are
@@ -171,20 +172,27 @@ class CLIP(nn.Module):
         Args:
             text_ids: (B, text_len) caption blocks.
             images: (B, 3, H, W) pictures in [0, 1], picture i described by caption i.
+            negative_ids: optional (M, text_len) extra captions with no picture of their
+                own (hard negatives such as `shapes.false_twin`): more columns for the
+                picture-to-caption loss. One identical to a batch caption counts as a
+                positive of that caption's pictures.
 
         Returns:
-            dict with `loss` (scalar), `logits_per_image` (B, B): [i, j] is the scaled
-            cosine of picture i and caption j, and `logits_per_text` (its transpose).
+            dict with `loss` (scalar), `logits_per_image` (B, B + M): [i, j] is the
+            scaled cosine of picture i and caption j, and `logits_per_text` (B, B).
         """
         if text_ids.shape[0] != images.shape[0]:
             raise DalleError(f"CLIP got {text_ids.shape[0]} captions for {images.shape[0]} pictures")
-        text = self.encode_text(text_ids)  # (B, E)
+        batch = text_ids.shape[0]
+        all_ids = text_ids if negative_ids is None else torch.cat([text_ids, negative_ids])  # (B + M, L)
+        text = self.encode_text(all_ids)  # (B + M, E)
         image = self.encode_image(images)  # (B, E)
-        logits_per_image = self.logit_scale * image @ text.t()  # (B, B)
-        logits_per_text = logits_per_image.t()  # (B, B)
-        same = (text_ids[:, None, :] == text_ids[None, :, :]).all(dim=-1).to(logits_per_image.dtype)  # (B, B)
-        targets = same / same.sum(dim=1, keepdim=True)  # (B, B), rows sum to 1; symmetric support
-        loss = (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets)) / 2
+        logits_per_image = self.logit_scale * image @ text.t()  # (B, B + M)
+        logits_per_text = logits_per_image[:, :batch].t()  # (B, B)
+        same = (text_ids[:, None, :] == all_ids[None, :, :]).all(dim=-1).to(logits_per_image.dtype)  # (B, B + M)
+        image_targets = same / same.sum(dim=1, keepdim=True)  # rows sum to 1
+        text_targets = same[:, :batch] / same[:, :batch].sum(dim=1, keepdim=True)  # (B, B), symmetric support
+        loss = (F.cross_entropy(logits_per_image, image_targets) + F.cross_entropy(logits_per_text, text_targets)) / 2
         return {"loss": loss, "logits_per_image": logits_per_image, "logits_per_text": logits_per_text}
 
     def _check_text(self, text_ids: torch.Tensor) -> None:

@@ -156,6 +156,11 @@ class CLIPConfig:
     # shapes are learnt far sooner ("Early Convolutions Help Transformers See Better").
     vision_stem: int = 0
     init_temperature: float = 1.0 / 0.07  # CLIP paper; the learned scale is clamped at 100
+    # Training on `shapes`: each caption that has one also brings its false twin
+    # (`shapes.false_twin`: objects swapped, relation reversed, another position or size)
+    # as an extra negative, so that word order and attributes, not only the bag of
+    # colour and shape words, decide the score.
+    hard_negatives: bool = False
     # Filled from the tokenizer when training starts.
     text_len: int = 24
     text_vocab: int = 512

@@ -229,6 +229,43 @@ def render(split: str, seed: int, index: int, size: int = 32, paraphrase_prob: f
     return draw(objects, size), caption
 
 
+OPPOSITE_RELATION = {"above": "below", "below": "above", "to the left of": "to the right of",
+                     "to the right of": "to the left of"}
+
+
+def false_twin(caption: str, rng: np.random.Generator) -> str | None:
+    """A caption that differs from `caption` in one attribute only and is false of its picture.
+
+    Two objects: the objects swapped, or the relation reversed ("a red circle above a
+    blue square" -> "a blue square above a red circle"). One object: another position, or
+    the other size. None when the caption names nothing that can be changed (a bare
+    "a red circle") or is not in the grammar. A paraphrase keeps its prefix.
+
+    CLIP trained on random batches almost never meets two captions with the same words in
+    another order, so it can score a relation as a bag of words; these twins, added as
+    extra negatives, make word order matter (NegCLIP, Yuksekgonul et al. 2023).
+    """
+    scene = parse_caption(caption)
+    if scene is None:
+        return None
+    if scene.relation is not None:
+        if rng.random() < 0.5:
+            twin = Scene(objects=scene.objects[::-1], relation=scene.relation)
+        else:
+            twin = Scene(objects=scene.objects, relation=OPPOSITE_RELATION[scene.relation])
+    else:
+        changes = []
+        if scene.position:
+            changes += [Scene(scene.objects, scene.size, p) for p in POSITIONS if p != scene.position]
+        if scene.size:
+            changes.append(Scene(scene.objects, "large" if scene.size == "small" else "small", scene.position))
+        if not changes:
+            return None
+        twin = changes[int(rng.integers(len(changes)))]
+    text = caption.replace(caption_of(scene), caption_of(twin))
+    return text if text != caption else None  # e.g. odd spacing: the canonical words not found
+
+
 def all_captions_single() -> list[str]:
     """The 24 colour-shape labels ("a red circle", ...)."""
     return [caption_of(Scene(objects=(pair,))) for pair in ALL_PAIRS]

@@ -211,8 +211,15 @@ def train_clip(config: Config, resume: str | None = "auto", progress: bool = Tru
     model = CLIP(clip_config)
     batches = image_caption_batches(config, train, progress)
 
+    hard_negatives = clip_config.hard_negatives and config.data.source == "shapes"
+
     def step_fn(model, batch, step):
-        out = model(tokenizer.encode(batch["captions"]), to_float(batch["images"]))
+        negatives = None
+        if hard_negatives:  # seeded by the step, so a resumed run draws the same twins
+            rng = np.random.default_rng([train.seed, step])
+            twins = [t for t in (shapes.false_twin(c, rng) for c in batch["captions"]) if t is not None]
+            negatives = tokenizer.encode(twins) if twins else None
+        out = model(tokenizer.encode(batch["captions"]), to_float(batch["images"]), negatives)
         return {"loss": out["loss"]}
 
     result = fit(model, batches, step_fn, train, config.run_dir, "clip", resume=resume,
@@ -250,9 +257,43 @@ def evaluate_clip_shapes(config: Config, n: int = 500) -> dict[str, float]:
     truth = torch.tensor(truths)
     hits = [(truth[search(scorer, label, embeddings, 5)[0]] == index).float().mean().item()
             for index, label in enumerate(labels)]
-    return {"classify_accuracy": float(right.mean()),
-            "classify_accuracy_held_out": float(right[held].mean()) if held.any() else float("nan"),
-            "search_top5_precision": float(np.mean(hits)), "search_top5_precision_worst_label": float(min(hits))}
+    metrics = {"classify_accuracy": float(right.mean()),
+               "classify_accuracy_held_out": float(right[held].mean()) if held.any() else float("nan"),
+               "search_top5_precision": float(np.mean(hits)), "search_top5_precision_worst_label": float(min(hits))}
+    metrics.update(evaluate_clip_twins(scorer, config, n // 2))
+    return metrics
+
+
+def evaluate_clip_twins(scorer, config: Config, n: int) -> dict[str, float]:
+    """How often CLIP scores a test picture's caption above its false twin (`shapes.false_twin`).
+
+    `twin_accuracy_relation`: two-object pictures, against the objects swapped or the
+    relation reversed; `twin_accuracy_attribute`: one-object pictures, against another
+    position or size. 0.5 is a bag of words.
+    """
+    rng = np.random.default_rng(config.data.seed)
+    pictures: dict[str, list] = {"relation": [], "attribute": []}
+    captions: dict[str, list] = {"relation": [], "attribute": []}
+    twins: dict[str, list] = {"relation": [], "attribute": []}
+    index = 0
+    while min(len(p) for p in pictures.values()) < n and index < 50 * n:
+        image, caption = shapes.render("test", config.data.seed + 2, index, config.data.size)
+        index += 1
+        kind = "relation" if shapes.parse_caption(caption).relation else "attribute"
+        twin = shapes.false_twin(caption, rng)
+        if twin is not None and len(pictures[kind]) < n:
+            pictures[kind].append(image)
+            captions[kind].append(caption)
+            twins[kind].append(twin)
+    from dalle.rerank import embed_images
+
+    metrics = {}
+    for kind in pictures:
+        images = embed_images(scorer, pictures[kind])  # (n, E)
+        true = (images * scorer.embed_texts(captions[kind])).sum(-1)  # (n,)
+        false = (images * scorer.embed_texts(twins[kind])).sum(-1)  # (n,)
+        metrics[f"twin_accuracy_{kind}"] = float((true > false).float().mean())
+    return metrics
 
 
 # ----------------------------------------------------------------------------- transformer

@@ -100,6 +100,46 @@ def test_identical_captions_share_the_target():
     torch.testing.assert_close(out["loss"], expected)
 
 
+def test_hard_negatives_are_extra_columns_of_the_picture_loss_only():
+    model = make_model()
+    text_ids, images = captions([2, 3, 4]), pictures(3)
+    negatives = captions([5, 6], seed=1)
+    negatives[1] = text_ids[2]  # a "negative" identical to caption 2 is one more positive of picture 2
+    out = model(text_ids, images, negatives)
+    assert out["logits_per_image"].shape == (3, 5) and out["logits_per_text"].shape == (3, 3)
+    image_targets = torch.tensor([[1.0, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 0.5, 0, 0.5]])
+    log_p_image = out["logits_per_image"].log_softmax(-1)
+    text_loss = torch.nn.functional.cross_entropy(out["logits_per_text"], torch.arange(3))
+    expected = (-(image_targets * log_p_image).sum(-1).mean() + text_loss) / 2
+    torch.testing.assert_close(out["loss"], expected)
+    # Without negatives the batch columns score the same: the negatives only add columns.
+    torch.testing.assert_close(model(text_ids, images)["logits_per_image"], out["logits_per_image"][:, :3])
+
+
+def test_hard_negatives_teach_word_order():
+    # Four pictures whose twins hold the same tokens with the first two swapped: without
+    # the twins as negatives nothing asks the model to tell the orders apart (the control),
+    # with them every picture must clearly prefer its own order.
+    text_ids = captions([4, 4, 3, 5], seed=2)
+    twins = text_ids.clone()
+    twins[:, [0, 1]] = twins[:, [1, 0]]
+    images = pictures(4, seed=2)
+    margins = {}
+    for use_twins in (False, True):
+        model = make_model(seed=2)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+        for _ in range(150):
+            loss = model(text_ids, images, twins if use_twins else None)["loss"]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            image = model.encode_image(images)
+            margins[use_twins] = (image * (model.encode_text(text_ids) - model.encode_text(twins))).sum(-1)
+    assert margins[False].abs().max() < 0.01, margins
+    assert (margins[True] > 0.2).all(), margins
+
+
 def test_padding_is_ignored_and_empty_captions_stay_finite():
     model = make_model()
     text_ids = captions([0, 3])
@@ -192,7 +232,8 @@ def test_shapes_evaluation_reports_classification_and_search(tiny_pipeline):
     config = load_config(TINY, [f"run_dir={tiny_pipeline}"])
     metrics = evaluate_clip_shapes(config, n=48)
     assert set(metrics) == {"classify_accuracy", "classify_accuracy_held_out", "search_top5_precision",
-                            "search_top5_precision_worst_label"}
+                            "search_top5_precision_worst_label", "twin_accuracy_relation",
+                            "twin_accuracy_attribute"}
     for name, value in metrics.items():
         assert value != value or 0.0 <= value <= 1.0, name  # NaN only when no held-out picture came up
     assert metrics["search_top5_precision_worst_label"] <= metrics["search_top5_precision"]

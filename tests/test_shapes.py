@@ -87,3 +87,28 @@ def test_reads_same_compares_objects_sizes_and_verdicts():
     recoloured[(pixels != 0).any(axis=-1)] = (40, 180, 60) if colour != "green" else (220, 40, 40)
     assert not shapes.reads_same(pixels, recoloured, caption)
     assert not shapes.reads_same(pixels, np.zeros_like(pixels), caption)
+
+
+def test_false_twins_are_false_of_the_picture_and_differ_in_one_attribute():
+    rng = np.random.default_rng(0)
+    twins = 0
+    for index in range(300):
+        image, caption = shapes.render("test", 0, index, 32, paraphrase_prob=0.3)
+        twin = shapes.false_twin(caption, rng)
+        scene = shapes.parse_caption(caption)
+        if twin is None:  # a bare "a red circle" has nothing to change
+            assert scene.relation is None and scene.size is None and scene.position is None
+            continue
+        twins += 1
+        assert shapes.judge(image, caption)["all"]
+        # The reader calls a centred object's quadrant by the side of the middle it falls
+        # on; by SHAPES.md a quadrant's object is clear of the middle, so the twin is false.
+        if scene.position != "center":
+            assert not shapes.judge(image, twin)["all"], (caption, twin)
+        other = shapes.parse_caption(twin)
+        assert other is not None
+        assert sorted(other.objects) == sorted(scene.objects)  # the same objects; only their order or one attribute
+    assert twins > 150
+    assert shapes.false_twin("a blue square above a red circle", rng) in (
+        "a red circle above a blue square", "a blue square below a red circle")
+    assert shapes.false_twin("not a caption", rng) is None
