@@ -160,8 +160,8 @@ def read_images(paths: list[str], size: int | None = None) -> tuple[list[tuple[s
 
 
 def generate(model: str, prompts: list[str], out: str, candidates: int = 8, keep: int = 1, seed: int = 0,
-             rerank: str = "clip", clip: str | None = None, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, cond_scale: float = 1.0, prime_image: str | None = None,
+             rerank: str = "clip", clip: str | None = None, temperature: float | None = None, top_k: int | None = None,
+             top_p: float | None = None, cond_scale: float | None = None, prime_image: str | None = None,
              prime_rows: int = 0, batch_size: int | None = None) -> Path:
     """Samples N pictures per prompt, ranks them with CLIP, keeps the best K as PNG + samples.jsonl."""
     from dalle.pipeline import load_pipeline
@@ -251,14 +251,16 @@ def search(model: str, images: str, query: str, k: int = 5, clip: str | None = N
 
 
 def evaluate(model: str, out: str, candidates: int = 16, prompts_per_set: int = 50, seed: int = 0,
-             data: str = "shapes", clip: str | None = None) -> dict:
-    """Measures a shapes (or digits) pipeline with the project's picture reader; writes metrics and a report."""
+             data: str = "shapes", clip: str | None = None, **sampling) -> dict:
+    """Measures a shapes (or digits) pipeline with the project's picture reader; writes metrics and a report.
+
+    `sampling` (temperature, top_k, top_p, cond_scale) overrides the model's sampling.json."""
     from dalle.evaluate import evaluate_pipeline
 
     if data not in ("shapes", "digits"):
         raise DalleError(f"eval knows the shapes and digits data, not {data!r}")
     metrics = evaluate_pipeline(model, out, candidates=candidates, prompts_per_set=prompts_per_set, seed=seed,
-                                data=data, clip=clip)
+                                data=data, clip=clip, **sampling)
     print(json.dumps(metrics))
     return metrics
 
@@ -271,6 +273,22 @@ def demo(out: str = "runs/demo", config: str = "configs/demo.yaml", fresh: bool 
     grid = run_demo(out, config, fresh=fresh, overrides=overrides, candidates=candidates, eval_prompts=eval_prompts)
     print(grid)
     return grid
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """--temperature, --top-k, --top-p, --cond-scale; left out, the model's sampling.json decides."""
+    parser.add_argument("--temperature", type=float, help="default: the model's sampling.json (else 1)")
+    parser.add_argument("--top-k", type=int, help="keep the k likeliest codes (0: off; default: sampling.json)")
+    parser.add_argument("--top-p", type=float, help="nucleus mass (1: off; default: sampling.json)")
+    parser.add_argument("--cond-scale", type=float,
+                        help="classifier-free guidance scale (1: off; default: the model's sampling.json)")
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    """The sampling flags that were given (the model's defaults fill the rest)."""
+    options = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+               "cond_scale": args.cond_scale}
+    return {key: value for key, value in options.items() if value is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -333,10 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True)
     gen.add_argument("--rerank", choices=["clip", "none"], default="clip")
     gen.add_argument("--clip", help="rerank with another CLIP: hf:NAME_OR_DIR or a CLIP directory")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance scale (1: off)")
+    add_sampling_flags(gen)
     gen.add_argument("--prime-image", help="complete this picture from its top rows")
     gen.add_argument("--prime-rows", type=int, default=0)
     gen.add_argument("--batch-size", type=int)
@@ -363,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--data", default="shapes", choices=["shapes", "digits"], help="what the model was trained on")
     ev.add_argument("--clip", help="rerank with another CLIP: hf:NAME_OR_DIR or a CLIP model directory")
+    add_sampling_flags(ev)
 
     dm = commands.add_parser("demo", help="train every stage on shapes, then sample, rerank and report")
     dm.add_argument("--out", default="runs/demo")
@@ -423,7 +439,8 @@ def run(args: argparse.Namespace) -> object:
     if args.command == "search":
         return search(args.model, args.images, args.query, args.k, args.clip, args.strip)
     if args.command == "eval":
-        return evaluate(args.model, args.out, args.candidates, args.prompts, args.seed, args.data, args.clip)
+        return evaluate(args.model, args.out, args.candidates, args.prompts, args.seed, args.data, args.clip,
+                        **sampling_options(args))
     if args.command == "demo":
         return demo(args.out, args.config, args.fresh, args.overrides, args.candidates, args.eval_prompts)
     raise DalleError(f"unknown command {args.command}")

@@ -208,6 +208,25 @@ class TrainConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """How a pipeline samples when the caller does not say: written to run_dir/sampling.json
+    by `dalle train`, read by `load_pipeline` (so `dalle generate` and `dalle eval` use the
+    settings the run was tuned with). Edit that file to change a trained model's defaults."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    # Classifier-free guidance (1: off); needs a transformer trained with caption_dropout.
+    cond_scale: float = 1.0
+
+    def __post_init__(self):
+        _check(self.temperature > 0, "sampling.temperature", "must be > 0")
+        _check(self.top_k is None or self.top_k >= 1, "sampling.top_k", "must be >= 1 (or null: off)")
+        _check(self.top_p is None or 0.0 < self.top_p <= 1.0, "sampling.top_p", "must be in (0, 1] (or null: off)")
+        _check(self.cond_scale >= 0, "sampling.cond_scale", "must be >= 0")
+
+
+@dataclass
 class TrainStages:
     """Training settings per stage, so one file (the demo's) can train every stage."""
 
@@ -227,6 +246,7 @@ class Config:
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     clip: CLIPConfig = field(default_factory=CLIPConfig)
     train: TrainStages = field(default_factory=TrainStages)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
 def _check(ok: bool, key: str, message: str) -> None:

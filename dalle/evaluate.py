@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dalle import shapes
+from dalle.config import to_dict
 from dalle.pipeline import Pipeline, load_pipeline
 from dalle.viz import labelled_grid, save_png
 
@@ -215,9 +216,11 @@ def evaluate_pipeline(model: str | Path, out: str | Path, candidates: int = 16, 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pipeline = load_pipeline(model, clip=clip)
+    settings = {**to_dict(pipeline.sampling), **sampling}  # what was used: the model's defaults, then overrides
     if data == "digits":
         metrics = {"digits": evaluate_digits(pipeline, out, candidates, max(1, prompts_per_set // 10), seed,
-                                             progress, **sampling), "candidates": candidates}
+                                             progress, **sampling), "candidates": candidates,
+                   "sampling": settings}
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
         write_report(out, metrics, {}, extra_html="<h2>Samples</h2><img src='digits.png' alt='digits'>")
         return metrics
@@ -226,6 +229,7 @@ def evaluate_pipeline(model: str | Path, out: str | Path, candidates: int = 16, 
     metrics: dict = {name: r["metrics"] for name, r in results.items()}
     metrics["dvae_psnr"] = dvae_psnr(pipeline)
     metrics["candidates"] = candidates
+    metrics["sampling"] = settings
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     write_report(out, metrics, results)
     return metrics

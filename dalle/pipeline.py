@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from dalle.checkpoint import CheckpointError
+from dalle.checkpoint import CheckpointError, write_json_atomic
+from dalle.config import ConfigError, SamplingConfig, from_dict, to_dict
 from dalle.dvae import DVAE, decode, encode, load_dvae
 from dalle.errors import DalleError
 from dalle.rerank import CLIPScorer, Scorer, load_scorer, pil_to_tensor, rerank, tensor_to_pil
@@ -24,6 +25,7 @@ from dalle.tokenizer import Tokenizer, load_tokenizer
 from dalle.transformer import DalleTransformer, load_transformer
 
 TOKENIZER_FILE = "tokenizer.json"
+SAMPLING_FILE = "sampling.json"  # the pipeline's default sampling settings (a SamplingConfig)
 
 
 @dataclass
@@ -40,10 +42,11 @@ class Pipeline:
     """Tokenizer + transformer + dVAE (+ CLIP): call it with prompts to get ranked pictures."""
 
     def __init__(self, tokenizer: Tokenizer, transformer: DalleTransformer, dvae: DVAE, scorer: Scorer | None,
-                 directory: Path | None = None):
+                 directory: Path | None = None, sampling: SamplingConfig | None = None):
         check_fit(tokenizer, transformer, dvae, scorer)
         self.tokenizer, self.transformer, self.dvae, self.scorer = tokenizer, transformer, dvae, scorer
         self.directory = directory
+        self.sampling = sampling or SamplingConfig()  # what a call uses for the options it leaves out
 
     @property
     def image_size(self) -> int:
@@ -63,9 +66,10 @@ class Pipeline:
         return encode(self.dvae, pixels).flatten(1)[:, : rows * grid]  # (1, rows * grid)
 
     def __call__(self, prompts: list[str] | str, *, candidates: int = 8, keep: int = 1, seed: int = 0,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 cond_scale: float = 1.0, prime_image: Image.Image | str | Path | None = None, prime_rows: int = 0,
-                 rerank_with_clip: bool = True, batch_size: int | None = None) -> list[list[Sample]]:
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 cond_scale: float | None = None, prime_image: Image.Image | str | Path | None = None,
+                 prime_rows: int = 0, rerank_with_clip: bool = True, batch_size: int | None = None
+                 ) -> list[list[Sample]]:
         """Samples `candidates` pictures per prompt and keeps the best `keep`.
 
         Args:
@@ -73,8 +77,10 @@ class Pipeline:
             candidates: pictures sampled per prompt.
             keep: how many to return per prompt, best first.
             seed: prompt i is sampled with seed + i, so results repeat.
-            temperature, top_k, top_p: sampling filters.
+            temperature, top_k, top_p: sampling filters (top_k 0 or top_p 1: off).
             cond_scale: classifier-free guidance scale (1: off).
+            Left out (None), each of these four takes the pipeline's default
+            (`self.sampling`, read from the directory's sampling.json).
             prime_image, prime_rows: complete a picture whose top rows are given.
             rerank_with_clip: order by CLIP score; False keeps sampling order (scores are
                 still given when the pipeline has a CLIP).
@@ -89,6 +95,11 @@ class Pipeline:
             raise DalleError(f"need candidates >= 1 and 1 <= keep <= candidates, got {candidates} and {keep}")
         if rerank_with_clip and self.scorer is None:
             raise DalleError("this pipeline has no CLIP to rerank with: use --rerank none or --clip hf:NAME")
+        defaults = self.sampling
+        temperature = defaults.temperature if temperature is None else temperature
+        top_k = defaults.top_k if top_k is None else (top_k or None)  # 0: off
+        top_p = defaults.top_p if top_p is None else top_p
+        cond_scale = defaults.cond_scale if cond_scale is None else cond_scale
         prime = self.encode_prime(prime_image, prime_rows) if prime_image is not None else None
         results = []
         for index, prompt in enumerate(prompts):
@@ -149,7 +160,29 @@ def load_pipeline(directory: str | Path, clip: str | None = None, device: str | 
     scorer = None
     if clip is not None or (directory / "clip").is_dir():
         scorer = load_scorer_for(directory, clip, device=device)
-    return Pipeline(tokenizer, transformer, dvae, scorer, directory)
+    return Pipeline(tokenizer, transformer, dvae, scorer, directory, read_sampling_defaults(directory))
+
+
+def write_sampling_defaults(directory: str | Path, sampling: SamplingConfig) -> Path:
+    """Writes a pipeline directory's default sampling settings (sampling.json)."""
+    path = Path(directory) / SAMPLING_FILE
+    write_json_atomic(path, to_dict(sampling))
+    return path
+
+
+def read_sampling_defaults(directory: str | Path) -> SamplingConfig:
+    """A pipeline directory's sampling.json; the built-in defaults when there is none."""
+    path = Path(directory) / SAMPLING_FILE
+    if not path.is_file():
+        return SamplingConfig()
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is not readable JSON: {error}") from None
+    try:
+        return from_dict(SamplingConfig, values, source=str(path))
+    except ConfigError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def load_scorer_for(directory: str | Path, clip: str | None = None, device: str | torch.device = "cpu") -> Scorer:

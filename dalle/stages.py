@@ -355,6 +355,9 @@ def train_transformer(config: Config, resume: str | None = "auto", progress: boo
         path = run_dir / "samples" / f"step-{record['step']:08d}.png"
         save_png(labelled_grid(rows, row_titles=prompts, cell=48), path)
 
+    from dalle.pipeline import write_sampling_defaults
+
+    write_sampling_defaults(run_dir, config.sampling)  # how the pipeline samples unless told otherwise
     tokens = model_config.text_len + model_config.image_grid**2
     result = fit(model, batches, step_fn, train, run_dir, "transformer", resume=resume,
                  items_per_batch=lambda b: len(b["codes"]) * tokens, on_log=draw_samples, progress=progress,

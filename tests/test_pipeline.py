@@ -97,3 +97,41 @@ def test_a_clip_from_another_run_with_another_text_length_reranks(tiny_pipeline,
     samples = pipeline(["a red circle"], candidates=3, keep=3, seed=0)[0]
     scores = [s.clip_score for s in samples]
     assert scores == sorted(scores, reverse=True) and all(s == s for s in scores)
+
+
+def test_sampling_json_sets_the_defaults_and_call_options_override_them(tiny_pipeline, tmp_path):
+    from dalle.config import SamplingConfig
+    from dalle.pipeline import read_sampling_defaults, write_sampling_defaults
+
+    assert read_sampling_defaults(tiny_pipeline) == SamplingConfig()  # training wrote the config's (default) section
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipeline, model)
+    write_sampling_defaults(model, SamplingConfig(temperature=0.7, top_k=4, cond_scale=3.0))
+    pipeline = load_pipeline(model)
+    assert pipeline.sampling == SamplingConfig(temperature=0.7, top_k=4, cond_scale=3.0)
+
+    def pictures(p, **options):
+        return [s.image.tobytes() for s in p(["a red circle"], candidates=3, keep=3, seed=1, rerank_with_clip=False,
+                                              **options)[0]]
+
+    plain = load_pipeline(tiny_pipeline)
+    # The file's settings are what a bare call uses; naming them all gives the same pictures.
+    assert pictures(pipeline) == pictures(plain, temperature=0.7, top_k=4, cond_scale=3.0)
+    # Options given in the call win; top_k 0 turns the file's filter off.
+    assert pictures(pipeline, temperature=1.0, top_k=0, cond_scale=1.0) == pictures(plain)
+
+    (model / "sampling.json").write_text('{"temperature": -1}')
+    with pytest.raises(CheckpointError, match="sampling.temperature must be > 0"):
+        load_pipeline(model)
+    (model / "sampling.json").write_text('{"temprature": 1}')
+    with pytest.raises(CheckpointError, match="unknown key 'temprature'"):
+        load_pipeline(model)
+
+
+def test_eval_records_the_sampling_it_used(tiny_pipeline, tmp_path):
+    from dalle.cli import main
+
+    assert main(["eval", "--model", str(tiny_pipeline), "--out", str(tmp_path), "--prompts", "1",
+                 "--candidates", "2", "--cond-scale", "2", "--top-k", "5"]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["sampling"] == {"temperature": 1.0, "top_k": 5, "top_p": None, "cond_scale": 2.0}
