@@ -54,19 +54,25 @@ def evaluate_prompts(pipeline: Pipeline, prompts: list[str], candidates: int, se
     for index, prompt in enumerate(tqdm(prompts, desc=desc, disable=not progress, leave=False)):
         (samples,) = pipeline([prompt], candidates=candidates, keep=candidates, seed=seed + index,
                               rerank_with_clip=rerank, **sampling)
-        top = samples[0]
-        random_pick = next(s for s in samples if s.candidate == 0)
-        cases.append({"prompt": prompt, "top": shapes.judge(top.image, prompt),
-                      "random": shapes.judge(random_pick.image, prompt),
-                      "any": any(shapes.judge(s.image, prompt)["colour_shape"] for s in samples),
-                      "score": top.clip_score, "images": [s.image for s in samples[:8]]})
+        verdicts = [shapes.judge(s.image, prompt) for s in samples]  # best first
+        random_pick = next(i for i, s in enumerate(samples) if s.candidate == 0)
+        cases.append({"prompt": prompt, "top": verdicts[0], "random": verdicts[random_pick],
+                      "any": any(v["colour_shape"] for v in verdicts), "any_all": any(v["all"] for v in verdicts),
+                      "share": np.mean([v["colour_shape"] for v in verdicts]),
+                      "share_all": np.mean([v["all"] for v in verdicts]),
+                      "score": samples[0].clip_score, "images": [s.image for s in samples[:8]]})
     metrics = {}
     for key in ("colour_shape", "size", "position", "relation", "all"):
         tops = [c["top"][key] for c in cases if key in c["top"]]
         if tops:
             metrics[f"top1_{key}"] = _share(tops)
             metrics[f"random_{key}"] = _share([c["random"][key] for c in cases if key in c["random"]])
+    # The generator alone (every candidate, less noisy than the one random pick) and what a
+    # perfect reranker could reach (any of the N right).
+    metrics["candidates_colour_shape"] = _share([c["share"] for c in cases])
+    metrics["candidates_all"] = _share([c["share_all"] for c in cases])
     metrics["any_of_n_colour_shape"] = _share([c["any"] for c in cases])
+    metrics["any_of_n_all"] = _share([c["any_all"] for c in cases])
     scores = [c["score"] for c in cases if c["score"] is not None]
     metrics["mean_clip_score"] = float(np.mean(scores)) if scores else None
     metrics["prompts"] = len(cases)

@@ -233,35 +233,45 @@ OPPOSITE_RELATION = {"above": "below", "below": "above", "to the left of": "to t
                      "to the right of": "to the left of"}
 
 
-def false_twin(caption: str, rng: np.random.Generator) -> str | None:
-    """A caption that differs from `caption` in one attribute only and is false of its picture.
+def false_twin(caption: str, rng: np.random.Generator, kind: str | None = None) -> str | None:
+    """A caption that differs from `caption` in one respect only and is false of its picture.
 
-    Two objects: the objects swapped, or the relation reversed ("a red circle above a
-    blue square" -> "a blue square above a red circle"). One object: another position, or
-    the other size. None when the caption names nothing that can be changed (a bare
-    "a red circle") or is not in the grammar. A paraphrase keeps its prefix.
+    Kinds of change:
+      - "order" (two objects): the objects swapped or the relation reversed ("a red circle
+        above a blue square" -> "a blue square above a red circle");
+      - "binding" (two objects): their colours or their shapes swapped ("a blue circle
+        above a red square");
+      - "attribute" (one object): another position, or the other size.
+    `kind` None picks one of the kinds that apply to the caption. Returns None when none
+    applies (a bare "a red circle"; "binding" for two objects that share a colour or a
+    shape) or the caption is not in the grammar. A paraphrase keeps its prefix.
 
     CLIP trained on random batches almost never meets two captions with the same words in
-    another order, so it can score a relation as a bag of words; these twins, added as
-    extra negatives, make word order matter (NegCLIP, Yuksekgonul et al. 2023).
+    another order, so it can score a caption as a bag of words; these twins, added as
+    extra negatives, make order and binding matter (NegCLIP, Yuksekgonul et al. 2023).
     """
     scene = parse_caption(caption)
     if scene is None:
         return None
+    changes: dict[str, list[Scene]] = {"order": [], "binding": [], "attribute": []}
     if scene.relation is not None:
-        if rng.random() < 0.5:
-            twin = Scene(objects=scene.objects[::-1], relation=scene.relation)
-        else:
-            twin = Scene(objects=scene.objects, relation=OPPOSITE_RELATION[scene.relation])
+        (c1, s1), (c2, s2) = scene.objects
+        changes["order"] = [Scene(objects=scene.objects[::-1], relation=scene.relation),
+                            Scene(objects=scene.objects, relation=OPPOSITE_RELATION[scene.relation])]
+        if c1 != c2 and s1 != s2:  # with one colour (or shape) for both, a swap only reorders
+            changes["binding"] = [Scene(objects=((c2, s1), (c1, s2)), relation=scene.relation),
+                                  Scene(objects=((c1, s2), (c2, s1)), relation=scene.relation)]
     else:
-        changes = []
         if scene.position:
-            changes += [Scene(scene.objects, scene.size, p) for p in POSITIONS if p != scene.position]
+            changes["attribute"] += [Scene(scene.objects, scene.size, p) for p in POSITIONS if p != scene.position]
         if scene.size:
-            changes.append(Scene(scene.objects, "large" if scene.size == "small" else "small", scene.position))
-        if not changes:
-            return None
-        twin = changes[int(rng.integers(len(changes)))]
+            changes["attribute"].append(
+                Scene(scene.objects, "large" if scene.size == "small" else "small", scene.position))
+    kinds = [k for k, options in changes.items() if options and kind in (None, k)]
+    if not kinds:
+        return None
+    options = changes[kinds[int(rng.integers(len(kinds)))]]
+    twin = options[int(rng.integers(len(options)))]
     text = caption.replace(caption_of(scene), caption_of(twin))
     return text if text != caption else None  # e.g. odd spacing: the canonical words not found
 

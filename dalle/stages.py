@@ -267,31 +267,28 @@ def evaluate_clip_shapes(config: Config, n: int = 500) -> dict[str, float]:
 def evaluate_clip_twins(scorer, config: Config, n: int) -> dict[str, float]:
     """How often CLIP scores a test picture's caption above its false twin (`shapes.false_twin`).
 
-    `twin_accuracy_relation`: two-object pictures, against the objects swapped or the
-    relation reversed; `twin_accuracy_attribute`: one-object pictures, against another
-    position or size. 0.5 is a bag of words.
+    `twin_accuracy_order`: two-object pictures, against the objects swapped or the
+    relation reversed; `twin_accuracy_binding`: against their colours or shapes swapped;
+    `twin_accuracy_attribute`: one-object pictures, against another position or size.
+    0.5 is a bag of words.
     """
-    rng = np.random.default_rng(config.data.seed)
-    pictures: dict[str, list] = {"relation": [], "attribute": []}
-    captions: dict[str, list] = {"relation": [], "attribute": []}
-    twins: dict[str, list] = {"relation": [], "attribute": []}
-    index = 0
-    while min(len(p) for p in pictures.values()) < n and index < 50 * n:
-        image, caption = shapes.render("test", config.data.seed + 2, index, config.data.size)
-        index += 1
-        kind = "relation" if shapes.parse_caption(caption).relation else "attribute"
-        twin = shapes.false_twin(caption, rng)
-        if twin is not None and len(pictures[kind]) < n:
-            pictures[kind].append(image)
-            captions[kind].append(caption)
-            twins[kind].append(twin)
     from dalle.rerank import embed_images
 
+    rng = np.random.default_rng(config.data.seed)
+    found: dict[str, list[tuple]] = {"order": [], "binding": [], "attribute": []}
+    index = 0
+    while min(len(v) for v in found.values()) < n and index < 50 * n:
+        image, caption = shapes.render("test", config.data.seed + 2, index, config.data.size)
+        index += 1
+        for kind, items in found.items():
+            twin = shapes.false_twin(caption, rng, kind)
+            if twin is not None and len(items) < n:
+                items.append((image, caption, twin))
     metrics = {}
-    for kind in pictures:
-        images = embed_images(scorer, pictures[kind])  # (n, E)
-        true = (images * scorer.embed_texts(captions[kind])).sum(-1)  # (n,)
-        false = (images * scorer.embed_texts(twins[kind])).sum(-1)  # (n,)
+    for kind, items in found.items():
+        images = embed_images(scorer, [item[0] for item in items])  # (n, E)
+        true = (images * scorer.embed_texts([item[1] for item in items])).sum(-1)  # (n,)
+        false = (images * scorer.embed_texts([item[2] for item in items])).sum(-1)  # (n,)
         metrics[f"twin_accuracy_{kind}"] = float((true > false).float().mean())
     return metrics
 

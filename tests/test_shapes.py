@@ -89,26 +89,38 @@ def test_reads_same_compares_objects_sizes_and_verdicts():
     assert not shapes.reads_same(pixels, np.zeros_like(pixels), caption)
 
 
-def test_false_twins_are_false_of_the_picture_and_differ_in_one_attribute():
+def test_false_twins_are_false_of_the_picture_and_differ_in_one_respect():
     rng = np.random.default_rng(0)
-    twins = 0
+    twins = Counter()
     for index in range(300):
         image, caption = shapes.render("test", 0, index, 32, paraphrase_prob=0.3)
-        twin = shapes.false_twin(caption, rng)
         scene = shapes.parse_caption(caption)
-        if twin is None:  # a bare "a red circle" has nothing to change
-            assert scene.relation is None and scene.size is None and scene.position is None
-            continue
-        twins += 1
         assert shapes.judge(image, caption)["all"]
-        # The reader calls a centred object's quadrant by the side of the middle it falls
-        # on; by SHAPES.md a quadrant's object is clear of the middle, so the twin is false.
-        if scene.position != "center":
-            assert not shapes.judge(image, twin)["all"], (caption, twin)
-        other = shapes.parse_caption(twin)
-        assert other is not None
-        assert sorted(other.objects) == sorted(scene.objects)  # the same objects; only their order or one attribute
-    assert twins > 150
-    assert shapes.false_twin("a blue square above a red circle", rng) in (
+        for kind in ("order", "binding", "attribute"):
+            twin = shapes.false_twin(caption, rng, kind)
+            if twin is None:
+                continue
+            twins[kind] += 1
+            other = shapes.parse_caption(twin)
+            assert other is not None and twin != caption
+            # The reader calls a centred object's quadrant by the side of the middle it falls
+            # on; by SHAPES.md a quadrant's object is clear of the middle, so the twin is false.
+            if scene.position != "center":
+                assert not shapes.judge(image, twin)["all"], (caption, twin)
+            if kind == "order":
+                assert sorted(other.objects) == sorted(scene.objects)
+            if kind == "binding":  # the same colours and the same shapes, bound the other way
+                assert sorted(c for c, _ in other.objects) == sorted(c for c, _ in scene.objects)
+                assert sorted(s for _, s in other.objects) == sorted(s for _, s in scene.objects)
+                assert sorted(other.objects) != sorted(scene.objects)
+            if kind == "attribute":
+                assert other.objects == scene.objects and other.relation is None
+    assert min(twins.values()) > 60, twins
+    assert shapes.false_twin("a red circle", rng) is None
+    assert shapes.false_twin("a red circle above a red circle", rng, "binding") is None
+    assert shapes.false_twin("a blue square above a red circle", rng, "order") in (
         "a red circle above a blue square", "a blue square below a red circle")
+    assert shapes.false_twin("a blue square above a red square", rng, "binding") is None  # a swap only reorders
+    assert shapes.false_twin("there is a blue square above a red circle", rng, "binding") in (
+        "there is a red square above a blue circle", "there is a blue circle above a red square")
     assert shapes.false_twin("not a caption", rng) is None
