@@ -29,6 +29,7 @@ from dalle.train import FunctionBatches, MappedBatches, StreamBatches, TableBatc
 
 TOKENIZER_FILE = "tokenizer.json"
 SAMPLE_PROMPTS = ["a red circle", "a small blue square in the top left", "a green triangle above a white circle"]
+DIGIT_SAMPLE_PROMPTS = ["a handwritten zero", "a handwritten three", "a handwritten seven", "a handwritten nine"]
 
 
 # ----------------------------------------------------------------------------- data
@@ -343,7 +344,7 @@ def train_transformer(config: Config, resume: str | None = "auto", progress: boo
         from dalle.sampling import sample_image_codes
         from dalle.viz import labelled_grid, save_png
 
-        prompts = SAMPLE_PROMPTS if config.data.source == "shapes" else [""] * 4
+        prompts = {"shapes": SAMPLE_PROMPTS, "digits": DIGIT_SAMPLE_PROMPTS}.get(config.data.source, [""] * 4)
         codes = sample_image_codes(model, tokenizer.encode(prompts), num_candidates=4, seed=0)
         grid = model_config.image_grid
         with torch.inference_mode():
