@@ -192,6 +192,8 @@ def load_scorer_for(directory: str | Path, clip: str | None = None, device: str 
         return load_scorer(clip, device=device)
     tokenizer_path = directory / TOKENIZER_FILE
     clip_dir = Path(clip) if clip else directory / "clip"
+    if clip and not (clip_dir / "config.json").is_file() and (clip_dir / "clip").is_dir():
+        clip_dir = clip_dir / "clip"  # a CLIP run (or pipeline) directory: its CLIP
     if clip and (clip_dir.parent / TOKENIZER_FILE).is_file():  # a CLIP from another run: its own tokenizer
         tokenizer_path = clip_dir.parent / TOKENIZER_FILE
     if not clip_dir.is_dir():

@@ -97,6 +97,8 @@ def test_a_clip_from_another_run_with_another_text_length_reranks(tiny_pipeline,
     samples = pipeline(["a red circle"], candidates=3, keep=3, seed=0)[0]
     scores = [s.clip_score for s in samples]
     assert scores == sorted(scores, reverse=True) and all(s == s for s in scores)
+    # The other run's directory names its CLIP as well as the CLIP's own directory does.
+    assert load_pipeline(tiny_pipeline, clip=str(other)).scorer.model.config.text_len == 24
 
 
 def test_sampling_json_sets_the_defaults_and_call_options_override_them(tiny_pipeline, tmp_path):
