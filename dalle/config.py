@@ -39,12 +39,14 @@ class DataConfig:
     streaming: bool = False  # hf: sources only
     paraphrase_prob: float = 0.0  # shapes/digits: chance of a non-canonical caption
     n: int = 0  # pairs read into memory; 0: all (shapes: endless, rendered per batch)
+    one_object_share: float = 0.6  # shapes only: the share of one-object scenes (the dataset's is 0.6)
     max_bad_fraction: float = 0.5  # stop when more of the files than this are broken
 
     def __post_init__(self):
         _check(self.size >= 8, "data.size", f"must be >= 8, got {self.size}")
         _check(self.split in ("train", "test"), "data.split", f"must be train or test, got {self.split!r}")
         _check(0.0 <= self.paraphrase_prob <= 1.0, "data.paraphrase_prob", "must be in [0, 1]")
+        _check(0.0 <= self.one_object_share <= 1.0, "data.one_object_share", "must be in [0, 1]")
 
 
 @dataclass

@@ -124,7 +124,7 @@ class ShapesSource(Source):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, str]:
         c = self.config
-        return shapes.render(c.split, c.seed, self.start + index, c.size, c.paraphrase_prob)
+        return shapes.render(c.split, c.seed, self.start + index, c.size, c.paraphrase_prob, c.one_object_share)
 
     def records(self):
         index = 0

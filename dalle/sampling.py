@@ -5,7 +5,10 @@ primed image tokens) are run once by `model.prefill`, then each new image token 
 `model.decode_step` over a single position, whose queries read the cache through one row
 of each layer's precomputed sparse mask. `use_cache=False` recomputes the whole stream at
 every step instead; it exists to check the cache (both give the same tokens) and to
-measure what it saves.
+measure what it saves. `compile_step=True` runs each step through
+`DalleTransformer.static_decode_step` under `torch.compile` (`StaticDecoder`): one graph
+for every step, replayed as a CUDA graph on a GPU, where per-step launch overhead is what
+bounds small-batch decoding.
 
 Logits are processed in this order: classifier-free guidance, temperature, top-k, top-p.
 Guidance (`cond_scale = s != 1`) runs every conditional row together with an
@@ -21,10 +24,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from dalle.errors import DalleError
-from dalle.transformer import DalleTransformer, empty_captions
+from dalle.transformer import DalleTransformer, KVCache, empty_captions
 
 
 def top_k_filter(logits: Tensor, k: int | None) -> Tensor:
@@ -105,7 +108,7 @@ def sample_image_codes(model: DalleTransformer, text: Tensor, *, num_candidates:
                        temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                        cond_scale: float = 1.0, prime: Tensor | None = None, seed: int | None = None,
                        use_cache: bool = True, batch_size: int | None = None,
-                       return_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                       return_logits: bool = False, compile_step: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Samples image codes for captions.
 
     Args:
@@ -126,6 +129,9 @@ def sample_image_codes(model: DalleTransformer, text: Tensor, *, num_candidates:
         return_logits: also return the (B * num_candidates, N, image_vocab) float32 logits
             each token was drawn from (after guidance, before temperature and filters;
             NaN at primed positions).
+        compile_step: decode with the static-shape step under `torch.compile` (CUDA graphs
+            on CUDA). The first call per batch size compiles (seconds to a minute); the
+            tokens are those of the eager cache up to float rounding.
 
     Returns:
         (B * num_candidates, N) int64 codes, N = grid**2; with `return_logits`, (codes, logits).
@@ -133,6 +139,8 @@ def sample_image_codes(model: DalleTransformer, text: Tensor, *, num_candidates:
     config = model.config
     device = model.text_emb.weight.device
     _check_sampling_args(model, text, prime, num_candidates, temperature, top_k, top_p, batch_size)
+    if compile_step and not use_cache:
+        raise DalleError("compile_step decodes with the cache; it cannot be combined with use_cache=False")
     rows_text = text.to(device, torch.long).repeat_interleave(num_candidates, dim=0)  # (R, L)
     rows = rows_text.shape[0]
     n_image = model.image_len
@@ -160,7 +168,7 @@ def sample_image_codes(model: DalleTransformer, text: Tensor, *, num_candidates:
                 codes[begin:end] = _decode(
                     model, rows_text[begin:end], None if rows_prime is None else rows_prime[begin:end],
                     uniforms[begin:end], temperature, top_k, top_p, cond_scale, use_cache,
-                    None if logits_out is None else logits_out[begin:end])
+                    None if logits_out is None else logits_out[begin:end], compile_step)
     finally:
         model.train(was_training)
     return (codes, logits_out) if return_logits else codes
@@ -168,7 +176,7 @@ def sample_image_codes(model: DalleTransformer, text: Tensor, *, num_candidates:
 
 def _decode(model: DalleTransformer, text: Tensor, prime: Tensor | None, uniforms: Tensor,
             temperature: float, top_k: int | None, top_p: float | None, cond_scale: float,
-            use_cache: bool, logits_out: Tensor | None) -> Tensor:
+            use_cache: bool, logits_out: Tensor | None, compile_step: bool = False) -> Tensor:
     """The decode loop for one batch of rows; returns (r, N) codes."""
     rows = text.shape[0]
     n_image = model.image_len
@@ -183,7 +191,11 @@ def _decode(model: DalleTransformer, text: Tensor, prime: Tensor | None, uniform
         text = torch.cat([text, empty_captions(rows, model.config.text_vocab, model.text_len, text.device)])
     twin = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)
 
-    cache = model.new_cache(text.shape[0]) if use_cache else None
+    static = static_decoder(model, text.shape[0]) if compile_step else None
+    if static is not None:
+        cache = static.reset()
+    else:
+        cache = model.new_cache(text.shape[0]) if use_cache else None
     logits = model.prefill(text, twin(codes[:, :start]), cache) if use_cache else None  # (r or 2r, Vi)
     for index in range(start, n_image):
         if not use_cache:
@@ -193,9 +205,59 @@ def _decode(model: DalleTransformer, text: Tensor, prime: Tensor | None, uniform
             logits_out[:, index] = step_logits.float()
         tokens = choose_tokens(step_logits, uniforms[:, index], temperature, top_k, top_p)  # (r,)
         codes[:, index] = tokens
-        if use_cache and index + 1 < n_image:
+        if static is not None and index + 1 < n_image:
+            logits = static(twin(tokens), index)
+        elif use_cache and index + 1 < n_image:
             logits = model.decode_step(twin(tokens), index, cache)
     return codes
+
+
+class StaticDecoder(nn.Module):
+    """A model's `static_decode_step` and its KV cache as one module, compiled once.
+
+    The cache is a registered buffer, so the compiled step mutates it in place at a fixed
+    address: on CUDA, `mode="reduce-overhead"` then captures the whole step (every layer,
+    the cache writes, the head) as one CUDA graph; a cache passed as a plain argument would
+    make inductor skip the graph for its mutated input.
+    """
+
+    def __init__(self, model: DalleTransformer, rows: int):
+        super().__init__()
+        self.model = model
+        self.cache = model.new_cache(rows)
+        self.register_buffer("keys_values", self.cache.data, persistent=False)
+        device = self.cache.data.device
+        self.indices = torch.arange(model.image_len, device=device)  # step numbers as device tensors
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        self.compiled = torch.compile(self.step, fullgraph=True, dynamic=False, mode=mode)
+
+    def step(self, token: Tensor, index: Tensor) -> Tensor:
+        return self.model.static_decode_step(token, index, self.keys_values)
+
+    def reset(self) -> KVCache:
+        """The cache, emptied, for `prefill` to fill."""
+        self.cache.length = 0
+        return self.cache
+
+    def forward(self, token: Tensor, index: int) -> Tensor:
+        """(B, Vi) logits of image token `index + 1`, as `model.decode_step`."""
+        cache = self.cache
+        if cache.length != self.model.text_len + index:
+            raise DalleError(f"cache holds {cache.length} positions, step {index} needs "
+                             f"{self.model.text_len + index}")
+        logits = self.compiled(token, self.indices[index])
+        cache.length += 1
+        return logits.clone()  # a CUDA graph's output is overwritten by its next replay
+
+
+def static_decoder(model: DalleTransformer, rows: int) -> StaticDecoder:
+    """The model's `StaticDecoder` for `rows` rows, built (and compiled) on first use."""
+    decoders = model.__dict__.setdefault("_static_decoders", {})  # not a submodule: no state_dict entry
+    device, dtype = model.text_emb.weight.device, model.text_emb.weight.dtype
+    key = (rows, str(device), dtype)
+    if key not in decoders:
+        decoders[key] = StaticDecoder(model, rows)
+    return decoders[key]
 
 
 def _check_sampling_args(model: DalleTransformer, text: Tensor, prime: Tensor | None, num_candidates: int,

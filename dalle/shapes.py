@@ -143,11 +143,18 @@ def _pick(rng: np.random.Generator, items):
     return items[int(rng.integers(len(items)))]
 
 
-def sample_scene(split: str, seed: int, index: int) -> Scene:
-    """The scene (what the caption says) of one dataset item."""
+ONE_OBJECT_SHARE = 0.6  # of the scenes; the rest have two objects and a relation
+
+
+def sample_scene(split: str, seed: int, index: int, one_object_share: float = ONE_OBJECT_SHARE) -> Scene:
+    """The scene (what the caption says) of one dataset item.
+
+    `one_object_share` changes the mix of one- and two-object scenes (a training choice,
+    e.g. for a short run that must first learn single objects); the default is the dataset.
+    """
     rng = _rng(split, seed, index)
     pairs = TRAIN_PAIRS if split == "train" else ALL_PAIRS
-    if rng.random() < 0.6:
+    if rng.random() < one_object_share:
         colour, shape = _pick(rng, pairs)
         size = _pick(rng, (None, None, "small", "large"))
         position = _pick(rng, (None, None, *POSITIONS))
@@ -208,7 +215,8 @@ def place(scene: Scene, size: int, rng: np.random.Generator) -> list[ShapeObject
     ]
 
 
-def render(split: str, seed: int, index: int, size: int = 32, paraphrase_prob: float = 0.0) -> tuple[Image.Image, str]:
+def render(split: str, seed: int, index: int, size: int = 32, paraphrase_prob: float = 0.0,
+           one_object_share: float = ONE_OBJECT_SHARE) -> tuple[Image.Image, str]:
     """The (image, caption) of one dataset item; the same triple gives the same bytes.
 
     Args:
@@ -217,10 +225,11 @@ def render(split: str, seed: int, index: int, size: int = 32, paraphrase_prob: f
         index: the item number.
         size: the canvas side in pixels (>= 32).
         paraphrase_prob: chance of a non-canonical caption ("a picture of ...").
+        one_object_share: the share of one-object scenes (see `sample_scene`).
     """
     if size < 32:
         raise ValueError(f"shapes images need size >= 32, got {size}")
-    scene = sample_scene(split, seed, index)
+    scene = sample_scene(split, seed, index, one_object_share)
     rng = _rng(split, seed, index + 1_000_003)  # a separate stream for geometry
     objects = place(scene, size, rng)
     caption = caption_of(scene)
@@ -233,7 +242,8 @@ OPPOSITE_RELATION = {"above": "below", "below": "above", "to the left of": "to t
                      "to the right of": "to the left of"}
 
 
-def false_twin(caption: str, rng: np.random.Generator, kind: str | None = None) -> str | None:
+def false_twin(caption: str, rng: np.random.Generator, kind: str | None = None,
+               pairs: list[tuple[str, str]] | None = None) -> str | None:
     """A caption that differs from `caption` in one respect only and is false of its picture.
 
     Kinds of change:
@@ -241,10 +251,13 @@ def false_twin(caption: str, rng: np.random.Generator, kind: str | None = None) 
         above a blue square" -> "a blue square above a red circle");
       - "binding" (two objects): their colours or their shapes swapped ("a blue circle
         above a red square");
-      - "attribute" (one object): another position, or the other size.
+      - "attribute" (one object): another position, or the other size;
+      - "shape" (any): one object drawn as another shape ("a red circle" -> "a red square").
     `kind` None picks one of the kinds that apply to the caption. Returns None when none
-    applies (a bare "a red circle"; "binding" for two objects that share a colour or a
-    shape) or the caption is not in the grammar. A paraphrase keeps its prefix.
+    applies (a bare "a red circle" has no "attribute" twin; "binding" needs two objects
+    that differ in colour and in shape) or the caption is not in the grammar. A paraphrase
+    keeps its prefix. `pairs`: the colour-shape pairs a twin may name (training passes
+    TRAIN_PAIRS, so that no held-out pair appears even as a negative); None: any.
 
     CLIP trained on random batches almost never meets two captions with the same words in
     another order, so it can score a caption as a bag of words; these twins, added as
@@ -253,7 +266,7 @@ def false_twin(caption: str, rng: np.random.Generator, kind: str | None = None) 
     scene = parse_caption(caption)
     if scene is None:
         return None
-    changes: dict[str, list[Scene]] = {"order": [], "binding": [], "attribute": []}
+    changes: dict[str, list[Scene]] = {"order": [], "binding": [], "attribute": [], "shape": []}
     if scene.relation is not None:
         (c1, s1), (c2, s2) = scene.objects
         changes["order"] = [Scene(objects=scene.objects[::-1], relation=scene.relation),
@@ -267,6 +280,15 @@ def false_twin(caption: str, rng: np.random.Generator, kind: str | None = None) 
         if scene.size:
             changes["attribute"].append(
                 Scene(scene.objects, "large" if scene.size == "small" else "small", scene.position))
+    for i, (colour, shape) in enumerate(scene.objects):
+        for other in SHAPES:
+            objects = list(scene.objects)
+            objects[i] = (colour, other)
+            if other != shape and len(set(objects)) == len(objects):  # two objects stay distinct
+                changes["shape"].append(Scene(tuple(objects), scene.size, scene.position, scene.relation))
+    if pairs is not None:
+        allowed = set(pairs)
+        changes = {k: [t for t in options if set(t.objects) <= allowed] for k, options in changes.items()}
     kinds = [k for k, options in changes.items() if options and kind in (None, k)]
     if not kinds:
         return None

@@ -77,7 +77,8 @@ def shapes_batch_maker(config: Config):
     data = config.data
 
     def make(indices: list[int]) -> dict[str, Any]:
-        pairs = [shapes.render(data.split, data.seed, i, data.size, data.paraphrase_prob) for i in indices]
+        pairs = [shapes.render(data.split, data.seed, i, data.size, data.paraphrase_prob, data.one_object_share)
+                 for i in indices]
         return {"images": torch.stack([pil_to_uint8(p[0]) for p in pairs]), "captions": [p[1] for p in pairs]}
 
     return make
@@ -213,12 +214,14 @@ def train_clip(config: Config, resume: str | None = "auto", progress: bool = Tru
     batches = image_caption_batches(config, train, progress)
 
     hard_negatives = clip_config.hard_negatives and config.data.source == "shapes"
+    twin_pairs = shapes.TRAIN_PAIRS if config.data.split == "train" else None  # no held-out pair, even as a negative
 
     def step_fn(model, batch, step):
         negatives = None
         if hard_negatives:  # seeded by the step, so a resumed run draws the same twins
             rng = np.random.default_rng([train.seed, step])
-            twins = [t for t in (shapes.false_twin(c, rng) for c in batch["captions"]) if t is not None]
+            twins = [t for t in (shapes.false_twin(c, rng, pairs=twin_pairs) for c in batch["captions"])
+                     if t is not None]
             negatives = tokenizer.encode(twins) if twins else None
         out = model(tokenizer.encode(batch["captions"]), to_float(batch["images"]), negatives)
         return {"loss": out["loss"]}
@@ -270,13 +273,14 @@ def evaluate_clip_twins(scorer, config: Config, n: int) -> dict[str, float]:
 
     `twin_accuracy_order`: two-object pictures, against the objects swapped or the
     relation reversed; `twin_accuracy_binding`: against their colours or shapes swapped;
-    `twin_accuracy_attribute`: one-object pictures, against another position or size.
-    0.5 is a bag of words.
+    `twin_accuracy_attribute`: one-object pictures, against another position or size;
+    `twin_accuracy_shape`: any picture, against one object drawn as another shape.
+    0.5 is a bag of words (for "shape": a CLIP blind to shape).
     """
     from dalle.rerank import embed_images
 
     rng = np.random.default_rng(config.data.seed)
-    found: dict[str, list[tuple]] = {"order": [], "binding": [], "attribute": []}
+    found: dict[str, list[tuple]] = {"order": [], "binding": [], "attribute": [], "shape": []}
     index = 0
     while min(len(v) for v in found.values()) < n and index < 50 * n:
         image, caption = shapes.render("test", config.data.seed + 2, index, config.data.size)

@@ -84,8 +84,9 @@ class KVCache:
 
     def __init__(self, depth: int, batch: int, heads: int, max_len: int, head_dim: int,
                  device=None, dtype: torch.dtype = torch.float32):
-        # Uninitialised on purpose: every slot is written before it is read.
-        self.data = torch.empty(depth, 2, batch, heads, max_len, head_dim, device=device, dtype=dtype)
+        # Zeros, not garbage: `static_decode_step` multiplies the unwritten slots by an
+        # attention weight of 0, and 0 * NaN would be NaN.
+        self.data = torch.zeros(depth, 2, batch, heads, max_len, head_dim, device=device, dtype=dtype)
         self.length = 0
 
     def layer(self, index: int) -> tuple[Tensor, Tensor]:
@@ -156,6 +157,23 @@ class Attention(nn.Module):
         out = _sparse_decode_attention(q, keys, values, text_len, image_slice, allowed)  # (B, H, 1, hd)
         return F.linear(out.reshape(batch, 1, -1), self.proj.weight, self.proj.bias)  # (B, 1, D); T = 1
 
+    def static_decode(self, x: Tensor, cache: tuple[Tensor, Tensor], where: Tensor, mask: Tensor) -> Tensor:
+        """`decode` with fixed shapes: attends over the whole cache through a mask row.
+
+        Args:
+            x: (B, 1, D) the hidden state at stream position `where`.
+            cache: this layer's (keys, values), (B, H, max_len, hd); `where` is written here.
+            where: (1,) int64, the stream position.
+            mask: (1, max_len) boolean, the position's row of the layer's mask.
+        """
+        batch = x.shape[0]
+        q, k, v = self.qkv(x).view(batch, 1, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        keys, values = cache
+        keys.index_copy_(2, where, k)  # (B, H, max_len, hd)
+        values.index_copy_(2, where, v)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, 1, hd)
+        return self.proj(out.transpose(1, 2).reshape(batch, 1, -1))  # (B, 1, D)
+
 
 class Block(nn.Module):
     """A pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
@@ -188,6 +206,11 @@ class Block(nn.Module):
         x = x + self.attn.decode(h, cache, start, *sparse_keys)
         h = F.layer_norm(x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
         return x + F.linear(F.gelu(F.linear(h, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)  # (B, 1, D)
+
+    def static_decode(self, x: Tensor, cache: tuple[Tensor, Tensor], where: Tensor, mask: Tensor) -> Tensor:
+        """`forward` (in eval mode) for one position with `Attention.static_decode`."""
+        x = x + self.attn.static_decode(self.ln1(x), cache, where, mask)
+        return x + self.mlp(self.ln2(x))  # (B, 1, D)
 
 
 class DalleTransformer(nn.Module):
@@ -394,6 +417,31 @@ class DalleTransformer(nn.Module):
         else:
             h = self.hidden(x, cache, start)  # (B, 1, D)
         return self.image_head(h[:, 0])  # (B, Vi)
+
+    def static_decode_step(self, token: Tensor, index: Tensor, keys_values: Tensor) -> Tensor:
+        """`decode_step` with no shape or branch that depends on the step, for `torch.compile`.
+
+        The index is a tensor, not a Python int, and each layer attends over the whole cache
+        through its mask row (the unwritten slots are masked out), so one compiled graph, and
+        on CUDA one captured CUDA graph, serves every step. It reads every cached key instead
+        of only those the layer's pattern allows: on a GPU the saved Python and kernel-launch
+        overhead is worth more than the skipped reads.
+
+        Args:
+            token: (B,) the code of image token `index`.
+            index: () int64, its raster index; the cache must hold every position before it.
+            keys_values: `KVCache.data`, (depth, 2, B, H, max_len, hd); the position
+                `text_len + index` is written in place. The caller advances `KVCache.length`.
+        """
+        where = (index + self.text_len).view(1)  # (1,) the stream position
+        index = index.view(1)  # index_select, not [index]: a tensor index must not become a Python int
+        position = (self.image_row.index_select(0, index // self.grid)
+                    + self.image_col.index_select(0, index % self.grid))  # (1, D), as in embed
+        x = self.image_emb(token)[:, None, :] + position  # (B, 1, D)
+        for layer, block in enumerate(self.blocks):
+            mask = self.masks[self.layer_mask[layer]].index_select(0, where)  # (1, max_len)
+            x = block.static_decode(x, (keys_values[layer, 0], keys_values[layer, 1]), where, mask)
+        return self.image_head(self.ln_f(x)[:, 0])  # (B, Vi)
 
     def _sparse_keys(self, layer: int, index: int) -> tuple[int, slice, Tensor | None]:
         """What image query `index` reads in `layer`: the text, one slice of image keys."""

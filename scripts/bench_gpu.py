@@ -12,8 +12,9 @@ Prints a Markdown table and, as its last line, one JSON object with every figure
   tokens + the dense causal attention term 6 * layers * T * dim per token (the usual
   convention), against the H200's 989 TFLOP/s dense bf16 peak.
 - Decode: image tokens per second at batch 64 with the key/value-cached sampler (bf16
-  weights), against the HBM bound: each step must read every weight once plus the keys
-  and values that the layer masks let each row see.
+  weights), eager and with the static-shape step under torch.compile (one CUDA graph per
+  step, `compile_step=True`), against the HBM bound: each step must read every weight
+  once plus the keys and values that the layer masks let each row see.
 """
 
 from __future__ import annotations
@@ -110,15 +111,15 @@ def attended_keys_per_step(model: DalleTransformer) -> float:
     return total
 
 
-def bench_decode(config: TransformerConfig, device: torch.device, batch: int) -> dict:
+def bench_decode(config: TransformerConfig, device: torch.device, batch: int, compile_step: bool = False) -> dict:
     torch.manual_seed(0)
     model = DalleTransformer(config).to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else None)
     model.eval()
     text = torch.randint(0, config.text_vocab - config.text_len, (1, config.text_len), device=device)
-    sample_image_codes(model, text, num_candidates=batch, seed=0)  # warm-up
+    sample_image_codes(model, text, num_candidates=batch, seed=0, compile_step=compile_step)  # warm-up, compile
     sync(device)
     started = time.perf_counter()
-    sample_image_codes(model, text, num_candidates=batch, seed=1)
+    sample_image_codes(model, text, num_candidates=batch, seed=1, compile_step=compile_step)
     sync(device)
     seconds = time.perf_counter() - started
     steps = config.image_grid**2
@@ -127,7 +128,7 @@ def bench_decode(config: TransformerConfig, device: torch.device, batch: int) ->
     kv_bytes = attended_keys_per_step(model) * 2 * config.dim * element * batch  # keys + values, all layers
     bound_steps_per_s = HBM_BYTES_PER_S / (weight_bytes + kv_bytes)
     achieved_steps_per_s = steps / seconds
-    return {"batch": batch, "image_tokens": steps, "seconds": seconds,
+    return {"batch": batch, "compile_step": compile_step, "image_tokens": steps, "seconds": seconds,
             "image_tokens_per_s": batch * steps / seconds, "weight_bytes": weight_bytes,
             "kv_bytes_per_step": kv_bytes, "bound_image_tokens_per_s": batch * bound_steps_per_s,
             "fraction_of_bound": achieved_steps_per_s / bound_steps_per_s}
@@ -154,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_compile and not args.tiny:
         results["training_eager"] = bench_training(config, device, args.batch, args.steps, False)
         print(json.dumps(results["training_eager"]), flush=True)
-    results["decode"] = bench_decode(config, device, 4 if args.tiny else args.decode_batch)
+    results["decode_eager"] = bench_decode(config, device, 4 if args.tiny else args.decode_batch)
+    print(json.dumps(results["decode_eager"]), flush=True)
+    # The static-shape step under torch.compile (CUDA graphs on CUDA); --tiny checks it runs.
+    results["decode"] = bench_decode(config, device, 4 if args.tiny else args.decode_batch,
+                                     compile_step=not args.no_compile)
     print(json.dumps(results["decode"]), flush=True)
     t, d = results["training"], results["decode"]
     print("| figure | value |\n| --- | --- |")
@@ -162,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| training params | {t['params'] / 1e6:.0f} M |")
     print(f"| training tokens/s (bf16, batch {t['batch']} x {t['seq']}) | {t['tokens_per_s']:,.0f} |")
     print(f"| training MFU (6N + attention) | {t['mfu']:.1%} |")
-    print(f"| decode image tokens/s at batch {d['batch']} | {d['image_tokens_per_s']:,.0f} |")
+    print(f"| decode image tokens/s at batch {d['batch']}, eager | "
+          f"{results['decode_eager']['image_tokens_per_s']:,.0f} |")
+    print(f"| decode image tokens/s at batch {d['batch']}, compiled step: {d['compile_step']} | "
+          f"{d['image_tokens_per_s']:,.0f} |")
     print(f"| decode, share of the HBM bound | {d['fraction_of_bound']:.1%} |")
     if args.out:
         with open(args.out, "w") as handle:

@@ -78,3 +78,15 @@ def test_markdown_marks_partial_and_failed_cells(bench):
     assert "10.0 (partial)" in table
     assert "| error | 5.0 | - |" in table
     json.dumps(bench.summarise(fake_raw(), spec))  # the last line must serialise
+
+
+def test_gpu_benchmark_dry_run_on_cpu(capsys):
+    """scripts/bench_gpu.py --tiny runs the GPU checks' code on the CPU and ends with JSON."""
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "scripts" / "bench_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--tiny", "--no-compile"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["correctness"]["flex_vs_sdpa_max_abs_diff"] < 1e-4
+    assert result["decode"]["image_tokens"] == 64 and result["decode"]["image_tokens_per_s"] > 0
+    assert result["decode_eager"]["compile_step"] is False

@@ -233,7 +233,7 @@ def test_shapes_evaluation_reports_classification_and_search(tiny_pipeline):
     metrics = evaluate_clip_shapes(config, n=48)
     assert set(metrics) == {"classify_accuracy", "classify_accuracy_held_out", "search_top5_precision",
                             "search_top5_precision_worst_label", "twin_accuracy_order",
-                            "twin_accuracy_binding", "twin_accuracy_attribute"}
+                            "twin_accuracy_binding", "twin_accuracy_attribute", "twin_accuracy_shape"}
     for name, value in metrics.items():
         assert value != value or 0.0 <= value <= 1.0, name  # NaN only when no held-out picture came up
     assert metrics["search_top5_precision_worst_label"] <= metrics["search_top5_precision"]

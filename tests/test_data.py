@@ -108,3 +108,19 @@ def test_digits_are_real_handwriting_with_captions():
 def test_shapes_source_is_deterministic_and_take_stops():
     source = open_source("shapes", DataConfig(size=32, split="test"), n=5)
     assert [c for _, c in take(source, 3)] == [shapes.render("test", 0, i, 32)[1] for i in range(3)]
+
+
+def test_one_object_share_reaches_the_training_batches():
+    from dalle import stages
+    from dalle.config import load_config
+
+    from .conftest import TINY
+
+    config = load_config(TINY, ["data.one_object_share=1.0"])
+    captions = stages.shapes_batch_maker(config)(list(range(40)))["captions"]
+    assert all(shapes.parse_caption(c).relation is None for c in captions)
+    source = open_source("shapes", DataConfig(one_object_share=0.0))
+    pairs = take(source, 10)
+    assert all(shapes.parse_caption(c).relation is not None for _, c in pairs)
+    with pytest.raises(Exception, match="data.one_object_share"):
+        DataConfig(one_object_share=1.5)

@@ -60,6 +60,41 @@ def test_sparse_decode_equals_dense_decode(attention):
     assert torch.allclose(sparse_logits, dense_logits, atol=1e-4)
 
 
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_static_decode_step_equals_decode_step(attention):
+    """The fixed-shape step (whole cache + mask row) computes what the sparse step does."""
+    model = peaked_model(attention, depth=4 if attention == ["paper"] else 2)
+    text = captions()
+    cache, static_cache = model.new_cache(2), model.new_cache(2)
+    with torch.no_grad():
+        logits = model.prefill(text, None, cache)
+        static_logits = model.prefill(text, None, static_cache)
+        for index in range(model.image_len - 1):
+            token = logits.argmax(-1)
+            logits = model.decode_step(token, index, cache)
+            static_logits = model.static_decode_step(token, torch.tensor(index), static_cache.data)
+            static_cache.length += 1
+            assert torch.allclose(logits, static_logits, atol=1e-4), index
+    assert torch.allclose(cache.data, static_cache.data, atol=1e-5)
+
+
+def test_compiled_step_gives_the_same_tokens():
+    """compile_step=True: torch.compile of the static step (inductor on CPU here) samples
+    the eager tokens, with guidance and priming; a second call reuses the compiled step."""
+    model = peaked_model(["row", "conv"], depth=2)
+    text = captions(2)
+    prime = torch.randint(0, 16, (2, 2), generator=torch.Generator().manual_seed(0))
+    settings = dict(num_candidates=2, seed=5, cond_scale=2.0, top_k=8, prime=prime)
+    eager = sample_image_codes(model, text, **settings)
+    compiled = sample_image_codes(model, text, compile_step=True, **settings)
+    assert torch.equal(eager, compiled)
+    assert list(model._static_decoders) == [(8, "cpu", torch.float32)]  # 2 captions x 2 candidates x guidance
+    again = sample_image_codes(model, text, compile_step=True, **settings)
+    assert torch.equal(again, eager)
+    with pytest.raises(DalleError, match="use_cache=False"):
+        sample_image_codes(model, text, compile_step=True, use_cache=False)
+
+
 def test_logits_are_the_models_own():
     # The logits each token was drawn from are the teacher-forced logits of the codes.
     model = peaked_model(["paper"], depth=4)

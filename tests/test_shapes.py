@@ -96,7 +96,7 @@ def test_false_twins_are_false_of_the_picture_and_differ_in_one_respect():
         image, caption = shapes.render("test", 0, index, 32, paraphrase_prob=0.3)
         scene = shapes.parse_caption(caption)
         assert shapes.judge(image, caption)["all"]
-        for kind in ("order", "binding", "attribute"):
+        for kind in ("order", "binding", "attribute", "shape"):
             twin = shapes.false_twin(caption, rng, kind)
             if twin is None:
                 continue
@@ -115,8 +115,19 @@ def test_false_twins_are_false_of_the_picture_and_differ_in_one_respect():
                 assert sorted(other.objects) != sorted(scene.objects)
             if kind == "attribute":
                 assert other.objects == scene.objects and other.relation is None
+            if kind == "shape":  # one object's shape changed, nothing else
+                changed = [(a, b) for a, b in zip(scene.objects, other.objects) if a != b]
+                assert len(changed) == 1 and changed[0][0][0] == changed[0][1][0], (caption, twin)
+                assert (other.size, other.position, other.relation) == (scene.size, scene.position, scene.relation)
     assert min(twins.values()) > 60, twins
-    assert shapes.false_twin("a red circle", rng) is None
+    assert shapes.false_twin("a red circle", rng, "attribute") is None
+    assert shapes.false_twin("a red circle", rng) in ("a red square", "a red triangle")
+    # Training never names a held-out pair, even in a negative: purple has no triangle twin.
+    assert {shapes.false_twin("a purple circle", rng, "shape", pairs=shapes.TRAIN_PAIRS)
+            for _ in range(20)} == {"a purple square"}
+    # Two objects stay two different objects: a red square never becomes the other red circle.
+    assert {shapes.false_twin("a red square above a red circle", rng, "shape") for _ in range(30)} == {
+        "a red triangle above a red circle", "a red square above a red triangle"}
     assert shapes.false_twin("a red circle above a red circle", rng, "binding") is None
     assert shapes.false_twin("a blue square above a red circle", rng, "order") in (
         "a red circle above a blue square", "a blue square below a red circle")
@@ -124,3 +135,17 @@ def test_false_twins_are_false_of_the_picture_and_differ_in_one_respect():
     assert shapes.false_twin("there is a blue square above a red circle", rng, "binding") in (
         "there is a red square above a blue circle", "there is a blue circle above a red square")
     assert shapes.false_twin("not a caption", rng) is None
+
+
+def test_one_object_share_changes_the_mix_and_the_default_is_the_dataset():
+    def share(**kw):
+        scenes = [shapes.sample_scene("train", 0, i, **kw) for i in range(2000)]
+        return sum(s.relation is None for s in scenes) / len(scenes)
+
+    assert 0.57 < share() < 0.63
+    assert 0.87 < share(one_object_share=0.9) < 0.93
+    assert share(one_object_share=1.0) == 1.0
+    default = [shapes.render("train", 0, i) for i in range(20)]
+    explicit = [shapes.render("train", 0, i, one_object_share=shapes.ONE_OBJECT_SHARE) for i in range(20)]
+    assert [c for _, c in default] == [c for _, c in explicit]
+    assert all(a.tobytes() == b.tobytes() for (a, _), (b, _) in zip(default, explicit))
