@@ -242,6 +242,9 @@ OPPOSITE_RELATION = {"above": "below", "below": "above", "to the left of": "to t
                      "to the right of": "to the left of"}
 
 
+TRAINING_TWINS = ("order", "binding", "attribute")  # the kinds `false_twin` draws from by default
+
+
 def false_twin(caption: str, rng: np.random.Generator, kind: str | None = None,
                pairs: list[tuple[str, str]] | None = None) -> str | None:
     """A caption that differs from `caption` in one respect only and is false of its picture.
@@ -253,11 +256,15 @@ def false_twin(caption: str, rng: np.random.Generator, kind: str | None = None,
         above a red square");
       - "attribute" (one object): another position, or the other size;
       - "shape" (any): one object drawn as another shape ("a red circle" -> "a red square").
-    `kind` None picks one of the kinds that apply to the caption. Returns None when none
-    applies (a bare "a red circle" has no "attribute" twin; "binding" needs two objects
-    that differ in colour and in shape) or the caption is not in the grammar. A paraphrase
-    keeps its prefix. `pairs`: the colour-shape pairs a twin may name (training passes
-    TRAIN_PAIRS, so that no held-out pair appears even as a negative); None: any.
+    `kind` None picks one of TRAINING_TWINS (order, binding, attribute) that applies to the
+    caption; "shape" twins only come when asked for. They measure whether a CLIP sees shapes
+    (`evaluate_clip_twins`). As training negatives they dilute the order twins: a
+    2000-update CLIP trained with all four kinds scored order twins at chance (0.51).
+    Returns None when no kind applies (a bare "a red circle" has no "attribute" twin;
+    "binding" needs two objects that differ in colour and in shape) or the caption is not
+    in the grammar. A paraphrase keeps its prefix. `pairs`: the colour-shape pairs a twin
+    may name (training passes TRAIN_PAIRS, so that no held-out pair appears even as a
+    negative); None: any.
 
     CLIP trained on random batches almost never meets two captions with the same words in
     another order, so it can score a caption as a bag of words; these twins, added as
@@ -289,7 +296,8 @@ def false_twin(caption: str, rng: np.random.Generator, kind: str | None = None,
     if pairs is not None:
         allowed = set(pairs)
         changes = {k: [t for t in options if set(t.objects) <= allowed] for k, options in changes.items()}
-    kinds = [k for k, options in changes.items() if options and kind in (None, k)]
+    wanted = TRAINING_TWINS if kind is None else (kind,)
+    kinds = [k for k, options in changes.items() if options and k in wanted]
     if not kinds:
         return None
     options = changes[kinds[int(rng.integers(len(kinds)))]]

@@ -120,8 +120,8 @@ def test_false_twins_are_false_of_the_picture_and_differ_in_one_respect():
                 assert len(changed) == 1 and changed[0][0][0] == changed[0][1][0], (caption, twin)
                 assert (other.size, other.position, other.relation) == (scene.size, scene.position, scene.relation)
     assert min(twins.values()) > 60, twins
-    assert shapes.false_twin("a red circle", rng, "attribute") is None
-    assert shapes.false_twin("a red circle", rng) in ("a red square", "a red triangle")
+    assert shapes.false_twin("a red circle", rng) is None  # shape twins only when asked for
+    assert shapes.false_twin("a red circle", rng, "shape") in ("a red square", "a red triangle")
     # Training never names a held-out pair, even in a negative: purple has no triangle twin.
     assert {shapes.false_twin("a purple circle", rng, "shape", pairs=shapes.TRAIN_PAIRS)
             for _ in range(20)} == {"a purple square"}
