@@ -1,4 +1,4 @@
-"""CLIP: a text transformer and a small ViT trained to agree on which caption fits which picture.
+"""CLIP: a text transformer and a small ViT (or CNN) trained to agree on which caption fits which picture.
 
 Both towers end in a linear projection to `embed_dim` and an L2 normalisation, so a
 caption and a picture are compared by cosine similarity times a learned scale (the
@@ -116,6 +116,34 @@ class ImageEncoder(nn.Module):
         return self.norm_post(x[:, 0])  # (B, D): the class token's output
 
 
+class ConvImageEncoder(nn.Module):
+    """A small CNN: pictures (B, 3, S, S) in [-1, 1] -> unnormalised features (B, vision_dim).
+
+    A 3x3 convolution, then three stride-2 3x3 convolutions (each with a group norm and a
+    GELU) down to S/8, pooled over the whole map by mean and max: the mean says how much
+    of each feature there is (colour, area), the max whether a detector fired anywhere
+    (a corner, an apex). Where things are still shows through the zero padding's effect
+    on border features, though less sharply than with a ViT's position embeddings.
+    """
+
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        width = config.conv_width
+        self.layers = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.GELU(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.GroupNorm(8, width), nn.GELU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * width), nn.GELU(),
+            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * width), nn.GELU(),
+        )
+        self.proj = nn.Linear(4 * width, config.vision_dim)
+        self.norm = nn.LayerNorm(config.vision_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.layers(images)  # (B, 2w, S/8, S/8)
+        pooled = torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3))], dim=1)  # (B, 4w)
+        return self.norm(self.proj(pooled))  # (B, D)
+
+
 class CLIP(nn.Module):
     """Contrastive text-image model; returns embeddings, logits and the contrastive loss."""
 
@@ -123,12 +151,16 @@ class CLIP(nn.Module):
         super().__init__()
         self.config = config
         self.text = TextEncoder(config)
-        self.vision = ImageEncoder(config)
+        self.vision = ConvImageEncoder(config) if config.vision_tower == "conv" else ImageEncoder(config)
         self.text_projection = nn.Linear(config.text_dim, config.embed_dim, bias=False)
         self.image_projection = nn.Linear(config.vision_dim, config.embed_dim, bias=False)
         # The scale lives in log space (as in the paper) so it stays positive under SGD.
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(config.init_temperature)))
         self.apply(_init_weights)
+        if config.vision_tower == "conv":  # He init: std 0.02 would shrink the signal through the stack
+            for module in self.vision.modules():
+                if isinstance(module, nn.Conv2d):
+                    nn.init.kaiming_normal_(module.weight)
 
     @property
     def logit_scale(self) -> torch.Tensor:

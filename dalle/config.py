@@ -142,7 +142,7 @@ class TransformerConfig:
 
 @dataclass
 class CLIPConfig:
-    """Contrastive text and image encoders (a small text transformer and a ViT)."""
+    """Contrastive text and image encoders (a small text transformer and a ViT or a CNN)."""
 
     embed_dim: int = 128
     text_dim: int = 128
@@ -157,6 +157,12 @@ class CLIPConfig:
     # 0 keeps the plain ViT. A nonlinear stem sees edges and corners, so small pictures'
     # shapes are learnt far sooner ("Early Convolutions Help Transformers See Better").
     vision_stem: int = 0
+    # The image tower: "vit" (the fields above) or "conv", a small CNN pooled over the
+    # whole picture (the CLIP paper trained ResNets too). On the demo's 32-pixel shapes,
+    # 200 updates taught the CNN shapes that the ViT had not yet learnt (zero-shot 52% vs
+    # 45% of 24 labels, shape twins 0.77 vs 0.57), in 24 s against 37 s.
+    vision_tower: str = "vit"
+    conv_width: int = 32  # the CNN's first channels; later stages have twice as many
     init_temperature: float = 1.0 / 0.07  # CLIP paper; the learned scale is clamped at 100
     # Training on `shapes`: each caption that has one also brings its false twin
     # (`shapes.false_twin`: objects swapped, relation reversed, another position or size)
@@ -172,6 +178,13 @@ class CLIPConfig:
         _check(self.text_dim % self.text_heads == 0, "clip.text_dim", "must be divisible by clip.text_heads")
         _check(self.vision_dim % self.vision_heads == 0, "clip.vision_dim", "must be divisible by clip.vision_heads")
         _check(self.vision_stem >= 0, "clip.vision_stem", "must be >= 0 (0: no convolutional stem)")
+        _check(self.vision_tower in ("vit", "conv"), "clip.vision_tower", "must be vit or conv")
+        _check(self.conv_width > 0 and self.conv_width % 8 == 0, "clip.conv_width",
+               "must be a positive multiple of 8 (its group norms have 8 groups)")
+        # Below 16 pixels the CNN's last map is 1x1, where a group norm of few channels
+        # leaves little more than signs (two 8x8 noise pictures became indistinguishable).
+        _check(self.vision_tower != "conv" or self.image_size >= 16, "clip.image_size",
+               "must be >= 16 for the conv tower")
         _check(self.text_vocab > self.text_len, "clip.text_vocab",
                f"must exceed clip.text_len (BPE ids + one padding id per position), got {self.text_vocab}")
         _check(self.init_temperature > 0, "clip.init_temperature", "must be > 0")

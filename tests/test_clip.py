@@ -49,9 +49,10 @@ def make_model(seed: int = 0, **changes) -> CLIP:
     return CLIP(tiny_config(**changes))
 
 
-@pytest.mark.parametrize("stem", [0, 8])
-def test_shapes_and_normalised_embeddings(stem):
-    model = make_model(vision_stem=stem)
+@pytest.mark.parametrize("tower", [dict(vision_stem=0), dict(vision_stem=8),
+                                   dict(vision_tower="conv", conv_width=8, image_size=16)], ids=["vit", "vit-stem", "conv"])
+def test_shapes_and_normalised_embeddings(tower):
+    model = make_model(**tower)
     text, image = model.encode_text(captions([3, 6, 1, 0])), model.encode_image(pictures(4))
     assert text.shape == image.shape == (4, 16)
     torch.testing.assert_close(text.norm(dim=-1), torch.ones(4))
@@ -154,8 +155,9 @@ def test_padding_is_ignored_and_empty_captions_stay_finite():
     assert not torch.allclose(model.encode_text(other), text[1:])
 
 
-def test_overfits_eight_pairs():
-    model = make_model(seed=1)
+@pytest.mark.parametrize("tower", ["vit", "conv"])
+def test_overfits_eight_pairs(tower):
+    model = make_model(seed=1, vision_tower=tower, conv_width=8, image_size=8 if tower == "vit" else 16)
     text_ids, images = captions([2, 3, 4, 5, 6, 3, 4, 5], seed=1), pictures(8, seed=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     first = None
@@ -177,8 +179,9 @@ def test_other_picture_sizes_are_resized():
     assert model.encode_image(pictures(2, size=16)).shape == (2, 16)
 
 
-def test_save_load_round_trip(tmp_path):
-    model = make_model(seed=3)
+@pytest.mark.parametrize("tower", ["vit", "conv"])
+def test_save_load_round_trip(tmp_path, tower):
+    model = make_model(seed=3, vision_tower=tower, conv_width=8, image_size=8 if tower == "vit" else 16)
     with torch.no_grad():
         model.log_logit_scale.fill_(2.5)
     save_clip(model, tmp_path / "clip", extra={"note": "test"})
@@ -216,6 +219,12 @@ def test_bad_input_is_one_line():
         model(captions([1, 2]), pictures(3))
     with pytest.raises(ConfigError, match="clip.text_vocab"):
         tiny_config(text_vocab=TEXT_LEN)
+    with pytest.raises(ConfigError, match="clip.vision_tower"):
+        tiny_config(vision_tower="resnet")
+    with pytest.raises(ConfigError, match="clip.conv_width"):
+        tiny_config(vision_tower="conv", conv_width=12, image_size=16)
+    with pytest.raises(ConfigError, match="clip.image_size"):
+        tiny_config(vision_tower="conv", conv_width=8, image_size=8)
 
 
 def test_empty_batches():
