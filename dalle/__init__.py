@@ -10,7 +10,7 @@ __all__ = ["load_pipeline", "Pipeline"]
 
 def __getattr__(name: str):
     if name in __all__:
-        from dalle import pipeline
+        from dalle.inference import pipeline  # lazy: `import dalle` (and `dalle --version`) stay light
 
         return getattr(pipeline, name)
     raise AttributeError(f"module 'dalle' has no attribute {name!r}")

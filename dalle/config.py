@@ -203,7 +203,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0
     grad_accum: int = 1
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    mixed_precision: str | None = None  # no | bf16 | fp16; None: the launch configuration decides
     ema: float = 0.0  # 0 disables the exponential moving average of weights
     log_every: int = 50
     sample_every: int = 0  # 0 disables sample grids during training
@@ -217,7 +217,8 @@ class TrainConfig:
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(self.lr > 0, "train.lr", "must be > 0")
         _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
-        _check(self.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision", "must be no, bf16 or fp16")
+        _check(self.mixed_precision in (None, "no", "bf16", "fp16"), "train.mixed_precision",
+               "must be no, bf16, fp16 or null (the launch configuration decides)")
         _check(len(self.betas) == 2, "train.betas", "must hold two numbers")
         _check(0.0 <= self.ema < 1.0, "train.ema", "must be in [0, 1)")
 

@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
 
-from dalle import stages
 from dalle.config import load_config
 from dalle.errors import DalleError
-from dalle.evaluate import evaluate_prompts, prompt_sets, write_report
-from dalle.pipeline import load_pipeline
+from dalle.evaluation.evaluate import evaluate_prompts, prompt_sets
+from dalle.evaluation.report import write_report
+from dalle.evaluation.stages import evaluate_clip_shapes, evaluate_dvae
+from dalle.inference.pipeline import load_pipeline
+from dalle.training import stages
 from dalle.viz import labelled_grid, line_chart, save_png
+
+log = logging.getLogger(__name__)
 
 DEMO_PROMPTS = [
     "a red circle",
@@ -58,16 +63,19 @@ def run_demo(out: str | Path = "runs/demo", config_path: str | Path = "configs/d
 
     def stage(name: str, done: bool, work) -> None:
         if done:
-            print(f"[demo] {name}: already trained in {model_dir}, reused (--fresh retrains)")
+            log.info("[demo] %s: already trained in %s, reused (--fresh retrains)", name, model_dir)
             return
         started = time.perf_counter()
         work()
         timings[name] = round(time.perf_counter() - started, 1)
-        print(f"[demo] {name}: {timings[name]} s")
+        log.info("[demo] %s: %s s", name, timings[name])
+
+    def train_dvae() -> None:  # train, then measure: the report shows the dVAE's figures
+        stages.train_dvae(config, resume="auto", progress=progress)
+        evaluate_dvae(config, progress=progress)
 
     stage("tokenizer", (model_dir / "tokenizer.json").is_file(), lambda: stages.prepare_tokenizer(config, retrain=True))
-    stage("dvae", (model_dir / "dvae" / "config.json").is_file(),
-          lambda: stages.train_dvae(config, resume="auto", progress=progress))
+    stage("dvae", (model_dir / "dvae" / "config.json").is_file(), train_dvae)
     stage("clip", (model_dir / "clip" / "config.json").is_file(),
           lambda: stages.train_clip(config, resume="auto", progress=progress))
     stage("transformer", (model_dir / "transformer" / "config.json").is_file(),
@@ -92,6 +100,7 @@ def run_demo(out: str | Path = "runs/demo", config_path: str | Path = "configs/d
     dvae_metrics = model_dir / "reports" / "dvae-metrics.json"
     if dvae_metrics.is_file():
         metrics["dvae"] = json.loads(dvae_metrics.read_text())
+    metrics["clip"] = evaluate_clip_shapes(config, n=200)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
     charts = []
@@ -102,9 +111,9 @@ def run_demo(out: str | Path = "runs/demo", config_path: str | Path = "configs/d
              "<img src='grid.png' alt='samples'><h2>Training curves</h2>"
              + "".join(f"<img src='{html.escape(c)}' alt='{html.escape(c)}'>" for c in charts))
     write_report(out, metrics, evaluated, extra_html=extra)
-    print(f"[demo] stage seconds: {json.dumps(timings)}")
-    print(f"[demo] one object, colour+shape right at top-1 of {candidates}: "
-          f"{metrics['one_object'].get('top1_colour_shape', float('nan')):.0%} (random pick: "
-          f"{metrics['one_object'].get('random_colour_shape', float('nan')):.0%})")
-    print(f"[demo] report: {out / 'report.html'}")
+    log.info("[demo] stage seconds: %s", json.dumps(timings))
+    log.info("[demo] one object, colour+shape right at top-1 of %d: %.0f%% (random pick: %.0f%%)", candidates,
+             100 * metrics["one_object"].get("top1_colour_shape", float("nan")),
+             100 * metrics["one_object"].get("random_colour_shape", float("nan")))
+    log.info("[demo] report: %s", out / "report.html")
     return grid_path

@@ -19,6 +19,8 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from dalle.errors import DalleError
 
+TOKENIZER_FILE = "tokenizer.json"  # its name in a run (pipeline) directory
+
 
 class TokenizerError(DalleError):
     """A tokenizer file that is missing or unreadable."""

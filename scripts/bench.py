@@ -80,7 +80,7 @@ PEER_NOTES = [
 
 
 def paper_layout(depth: int) -> list[str]:
-    """The paper's per-layer patterns, as dalle.masks.layer_patterns(['paper'], depth):
+    """The paper's per-layer patterns, as dalle.models.masks.layer_patterns(['paper'], depth):
     column where (i - 2) % 4 == 0, row elsewhere, conv in the last layer."""
     patterns = ["column" if (i - 2) % 4 == 0 else "row" for i in range(depth)]
     patterns[-1] = "conv"
@@ -204,7 +204,7 @@ def _dvae_steps(spec: dict) -> dict:
 
 
 def measure_ours(task: str, spec: dict) -> dict:
-    """One measurement of this project's transformer (dalle.transformer + dalle.sampling) or dVAE."""
+    """One measurement of our transformer (dalle.models.transformer + dalle.inference.sampling) or dVAE."""
     import torch
 
     from dalle.config import DVAEConfig, TransformerConfig
@@ -213,7 +213,7 @@ def measure_ours(task: str, spec: dict) -> dict:
     torch.manual_seed(spec["seed"])
     mark = reset_peak()
     if task == "dvae":
-        from dalle.dvae import DVAE
+        from dalle.models.dvae import DVAE
 
         groups = int(math.log2(spec["dvae_image_size"] // spec["grid"])) + 1
         config = DVAEConfig(image_size=spec["dvae_image_size"], hidden=spec["dvae_hidden"], groups=groups,
@@ -232,7 +232,7 @@ def measure_ours(task: str, spec: dict) -> dict:
         result = _dvae_result(_time_train_steps(step, _dvae_steps(spec)), spec, _params(model))
         return {**result, **read_peak(mark)}
 
-    from dalle.transformer import DalleTransformer
+    from dalle.models.transformer import DalleTransformer
 
     config = TransformerConfig(
         dim=spec["dim"], depth=spec["depth"], heads=spec["heads"], mlp_ratio=spec["ours_mlp_ratio"],
@@ -254,7 +254,7 @@ def measure_ours(task: str, spec: dict) -> dict:
         result = _train_result(_time_train_steps(step, spec), spec, _params(model))
         return {**result, **read_peak(mark)}
 
-    from dalle.sampling import sample_image_codes
+    from dalle.inference.sampling import sample_image_codes
 
     text, codes = _inputs(spec, spec["sample_batch"])
     model.eval()

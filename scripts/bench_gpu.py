@@ -26,9 +26,9 @@ import time
 import torch
 
 from dalle.config import TransformerConfig
-from dalle.masks import layer_patterns
-from dalle.sampling import sample_image_codes
-from dalle.transformer import DalleTransformer
+from dalle.inference.sampling import sample_image_codes
+from dalle.models.masks import layer_patterns
+from dalle.models.transformer import DalleTransformer
 
 PEAK_BF16_FLOPS = 989e12  # H200 (and H100 SXM) dense bf16
 HBM_BYTES_PER_S = 4.8e12  # H200

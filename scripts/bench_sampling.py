@@ -16,8 +16,8 @@ import time
 import torch
 
 from dalle.config import TransformerConfig
-from dalle.sampling import sample_image_codes
-from dalle.transformer import DalleTransformer, parameter_count
+from dalle.inference.sampling import sample_image_codes
+from dalle.models.transformer import DalleTransformer, parameter_count
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -23,8 +23,8 @@ def _seed():
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory) -> Path:
     """A whole pipeline (tokenizer, dVAE, CLIP, transformer) trained for a few steps."""
-    from dalle import stages
     from dalle.config import load_config
+    from dalle.training import stages
 
     run_dir = tmp_path_factory.mktemp("tiny") / "model"
     config = load_config(TINY, [f"run_dir={run_dir}"])

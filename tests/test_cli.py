@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from dalle import shapes
 from dalle.cli import main
+from dalle.data import shapes
 
 
 def test_data_export_writes_the_contract_folder(tmp_path):
@@ -116,4 +116,4 @@ def test_demo_trains_reuses_and_ends_with_the_grid_path(tmp_path, capsys):
     assert printed[-1] == str(out / "grid.png") and (out / "grid.png").stat().st_size > 1000
     assert (out / "report.html").is_file() and (out / "model" / "transformer" / "model.safetensors").is_file()
     assert main(["demo", "--out", str(out), "--config", tiny, *fast]) == 0
-    assert "already trained" in capsys.readouterr().out
+    assert "already trained" in capsys.readouterr().err

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from dalle.checkpoint import CheckpointError, save_model
-from dalle.clip import CLIP, load_clip, save_clip
 from dalle.config import CLIPConfig, ConfigError
 from dalle.errors import DalleError
+from dalle.models.clip import CLIP, load_clip, save_clip
 
 BPE = 20  # BPE ids in [0, 20); padding at position i is 20 + i
 TEXT_LEN = 6
@@ -50,7 +50,8 @@ def make_model(seed: int = 0, **changes) -> CLIP:
 
 
 @pytest.mark.parametrize("tower", [dict(vision_stem=0), dict(vision_stem=8),
-                                   dict(vision_tower="conv", conv_width=8, image_size=16)], ids=["vit", "vit-stem", "conv"])
+                                   dict(vision_tower="conv", conv_width=8, image_size=16)],
+                         ids=["vit", "vit-stem", "conv"])
 def test_shapes_and_normalised_embeddings(tower):
     model = make_model(**tower)
     text, image = model.encode_text(captions([3, 6, 1, 0])), model.encode_image(pictures(4))
@@ -235,7 +236,7 @@ def test_empty_batches():
 
 def test_shapes_evaluation_reports_classification_and_search(tiny_pipeline):
     from dalle.config import load_config
-    from dalle.stages import evaluate_clip_shapes
+    from dalle.evaluation.stages import evaluate_clip_shapes
     from tests.conftest import TINY
 
     config = load_config(TINY, [f"run_dir={tiny_pipeline}"])

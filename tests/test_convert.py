@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle.convert import convert_openai_dvae
-from dalle.dvae import decode, encode, load_dvae, squeeze_pixels
 from dalle.errors import DalleError
+from dalle.models.convert import convert_openai_dvae
+from dalle.models.dvae import decode, encode, load_dvae, squeeze_pixels
 
 ATOL = 1e-5
 

@@ -5,9 +5,9 @@ import tarfile
 import pytest
 from PIL import Image
 
-from dalle import shapes
 from dalle.config import DataConfig
-from dalle.data import DataError, export_folder, open_source, take
+from dalle.data import shapes
+from dalle.data.sources import DataError, export_folder, open_source, take
 
 
 def make_folder(root, n_good=18, broken=True):
@@ -111,13 +111,13 @@ def test_shapes_source_is_deterministic_and_take_stops():
 
 
 def test_one_object_share_reaches_the_training_batches():
-    from dalle import stages
     from dalle.config import load_config
+    from dalle.training.batches import shapes_batch_maker
 
     from .conftest import TINY
 
     config = load_config(TINY, ["data.one_object_share=1.0"])
-    captions = stages.shapes_batch_maker(config)(list(range(40)))["captions"]
+    captions = shapes_batch_maker(config)(list(range(40)))["captions"]
     assert all(shapes.parse_caption(c).relation is None for c in captions)
     source = open_source("shapes", DataConfig(one_object_share=0.0))
     pairs = take(source, 10)

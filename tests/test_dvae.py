@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from dalle.checkpoint import CheckpointError
 from dalle.config import DVAEConfig
-from dalle.dvae import (
+from dalle.models.dvae import (
     DVAE,
     codebook_stats,
     decode,

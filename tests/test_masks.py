@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dalle.errors import DalleError
-from dalle.masks import (
+from dalle.models.masks import (
     PATTERNS,
     allowed,
     build_mask,

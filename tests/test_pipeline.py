@@ -9,8 +9,8 @@ import torch
 import dalle
 from dalle.checkpoint import CheckpointError
 from dalle.config import DVAEConfig
-from dalle.dvae import DVAE, save_dvae
-from dalle.pipeline import load_pipeline
+from dalle.inference.pipeline import load_pipeline
+from dalle.models.dvae import DVAE, save_dvae
 
 
 def test_pipeline_returns_ranked_pictures(tiny_pipeline):
@@ -34,9 +34,9 @@ def test_no_rerank_keeps_sampling_order(tiny_pipeline):
 
 
 def test_priming_keeps_the_top_rows(tiny_pipeline):
-    from dalle.dvae import encode
-    from dalle.rerank import pil_to_tensor
-    from dalle.shapes import render
+    from dalle.data.shapes import render
+    from dalle.images import pil_to_tensor
+    from dalle.models.dvae import encode
 
     pipeline = load_pipeline(tiny_pipeline)
     image, caption = render("test", 0, 1, 32)
@@ -85,8 +85,8 @@ def test_eval_writes_metrics_and_report(tiny_pipeline, tmp_path):
 
 
 def test_a_clip_from_another_run_with_another_text_length_reranks(tiny_pipeline, tmp_path):
-    from dalle import stages
     from dalle.config import load_config
+    from dalle.training import stages
     from tests.conftest import TINY
 
     other = tmp_path / "clip-run"
@@ -103,7 +103,7 @@ def test_a_clip_from_another_run_with_another_text_length_reranks(tiny_pipeline,
 
 def test_sampling_json_sets_the_defaults_and_call_options_override_them(tiny_pipeline, tmp_path):
     from dalle.config import SamplingConfig
-    from dalle.pipeline import read_sampling_defaults, write_sampling_defaults
+    from dalle.inference.pipeline import read_sampling_defaults, write_sampling_defaults
 
     assert read_sampling_defaults(tiny_pipeline) == SamplingConfig()  # training wrote the config's (default) section
     model = tmp_path / "model"

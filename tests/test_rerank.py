@@ -9,21 +9,21 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dalle.clip import CLIP, save_clip
 from dalle.config import CLIPConfig
 from dalle.errors import DalleError
-from dalle.rerank import (
+from dalle.images import tensor_to_pil
+from dalle.inference.pipeline import load_scorer
+from dalle.inference.scoring import (
     CLIPScorer,
     Scorer,
     classify,
     embed_images,
-    load_scorer,
     rerank,
     score_images,
     search,
-    tensor_to_pil,
     top_k,
 )
+from dalle.models.clip import CLIP, save_clip
 
 BPE, TEXT_LEN = 30, 8
 

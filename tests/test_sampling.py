@@ -6,8 +6,8 @@ import torch
 
 from dalle.config import TransformerConfig
 from dalle.errors import DalleError
-from dalle.sampling import choose_tokens, guide, sample_image_codes, top_k_filter, top_p_filter
-from dalle.transformer import DalleTransformer, empty_captions
+from dalle.inference.sampling import choose_tokens, guide, sample_image_codes, top_k_filter, top_p_filter
+from dalle.models.transformer import DalleTransformer, empty_captions
 
 
 def peaked_model(attention: list[str], depth: int = 2, seed: int = 0) -> DalleTransformer:

@@ -5,7 +5,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from dalle import shapes
+from dalle.data import shapes
 
 
 def test_palette_and_vocabulary_follow_the_contract():
@@ -55,7 +55,7 @@ def test_canonical_captions_and_parser():
 
 
 def test_same_triple_same_bytes_across_processes():
-    code = ("import hashlib; from dalle.shapes import render; "
+    code = ("import hashlib; from dalle.data.shapes import render; "
             "print(hashlib.sha256(b''.join(render('train', 3, i, 48)[0].tobytes() for i in range(50))).hexdigest())")
     outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
                for _ in range(2)}

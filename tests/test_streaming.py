@@ -8,10 +8,10 @@ from collections import Counter
 import pytest
 import torch
 
-from dalle import shapes
 from dalle.config import DataConfig
-from dalle.data import ShardedStream, open_source
-from dalle.train import StreamBatches
+from dalle.data import shapes
+from dalle.data.sources import ShardedStream, open_source
+from dalle.training.batches import StreamBatches
 
 
 def write_shards(root, sizes):
@@ -76,8 +76,8 @@ def test_stream_batches_resume_at_a_step_and_wrap_epochs(tmp_path):
 
 @pytest.mark.slow
 def test_training_on_webdataset_shards(tmp_path):
-    from dalle import stages
     from dalle.config import load_config
+    from dalle.training import stages
 
     from .conftest import TINY
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dalle import shapes
+from dalle.data import shapes
 from dalle.tokenizer import TokenizerError, load_tokenizer
 
 ROOT = Path(__file__).parent.parent

@@ -1,14 +1,18 @@
 import os
 import signal
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from dalle import stages
-from dalle.config import load_config
-from dalle.train import TableBatches, TrainingError, TrainingInterrupted, checkpoints, fit, lr_factor
+from dalle.config import TrainConfig, load_config
+from dalle.training import loop, stages
+from dalle.training.batches import TableBatches
+from dalle.training.loop import TrainingError, TrainingInterrupted, fit, lr_factor
+from dalle.training.state import checkpoints
 
 from .conftest import TINY
 
@@ -93,14 +97,14 @@ def test_transformer_loss_falls_through_the_stage(tmp_path):
     assert losses[-1] < losses[0] * 0.8
 
 
-def test_broken_files_in_a_folder_are_counted_and_training_goes_on(tmp_path, capsys):
+def test_broken_files_in_a_folder_are_counted_and_training_goes_on(tmp_path, caplog):
     from .test_data import make_folder
 
     make_folder(tmp_path / "data", n_good=18)
     config = load_config(TINY, [f"run_dir={tmp_path / 'run'}", f"data.source=folder:{tmp_path / 'data'}",
                                 "train.dvae.steps=2"])
     stages.train_dvae(config, progress=False)
-    assert "18 pairs read, 2 skipped (2 broken image)" in capsys.readouterr().out
+    assert "18 pairs read, 2 skipped (2 broken image)" in caplog.text
     assert (tmp_path / "run" / "dvae" / "model.safetensors").is_file()
     config = load_config(TINY, [f"run_dir={tmp_path / 'run2'}", f"data.source=folder:{tmp_path / 'data'}",
                                 "data.max_bad_fraction=0.05", "train.dvae.steps=2"])
@@ -127,3 +131,111 @@ def test_ema_weights_are_the_published_model(tmp_path):
     fit(averaged, data, step_fn, config, tmp_path / "b", "b", lambda m, d: None, progress=False)
     assert not torch.equal(plain.weight, averaged.weight)  # the average lags the raw weights
     assert (averaged.weight - plain.weight).abs().max() < 1.0
+
+
+# ----------------------------------------------------------------------------- accelerate, used as meant
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_all_reduces_once_per_update(tmp_path):
+    """Two gloo processes, 3 updates of 4 micro-steps: DDP all-reduces 3 times, not 12."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).parent.parent
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29533", str(root / "tests" / "ddp_worker.py"), str(tmp_path), "4"],
+                         cwd=root, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    reports = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 2
+    assert [r["allreduces"] for r in reports] == [3, 3]
+    assert reports[0]["weight_sum"] == reports[1]["weight_sum"]  # the processes stayed in step
+
+
+class ScaledAccelerator(Accelerator):
+    """fp16-style loss scaling on the CPU: accelerate makes its GradScaler only on a GPU, so the
+    test hands it one (torch's GradScaler runs on the CPU too)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        ScaledAccelerator.last = self
+
+    def prepare(self, *args):
+        prepared = super().prepare(*args)
+        self.native_amp = True
+        return prepared
+
+
+def test_overflow_steps_lower_the_loss_scale_and_training_goes_on(tmp_path, monkeypatch):
+    """An infinite gradient under loss scaling: the step is skipped, the scale halves, training goes on.
+
+    (A loop that skips `optimizer.step()` itself never lets the scaler update: the next
+    step fails with "unscale_() has already been called".)"""
+    monkeypatch.setattr(loop, "Accelerator", ScaledAccelerator)
+    model = torch.nn.Linear(4, 1)
+    data = TableBatches({"x": torch.randn(64, 4)}, batch_size=8)
+
+    def overflow_at_2_and_3(model, batch, step):
+        loss = model(batch["x"]).pow(2).mean()
+        return {"loss": loss * float("inf") if step in (2, 3) else loss}
+
+    config = TrainConfig(steps=6, batch_size=8, warmup_steps=1, log_every=1)
+    result = fit(model, data, overflow_at_2_and_3, config, tmp_path, "a", lambda m, d: None, progress=False)
+    assert result.skipped_steps == 2 and result.steps == 6
+    assert ScaledAccelerator.last.scaler.get_scale() == 2.0**14  # halved twice
+    assert torch.isfinite(model.weight).all()
+
+
+def test_mixed_precision_comes_from_the_launch_unless_the_yaml_sets_it(tmp_path, monkeypatch):
+    seen = []
+
+    def step_fn(model, batch, step):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return {"loss": model(batch["x"]).float().pow(2).mean()}
+
+    data = TableBatches({"x": torch.randn(16, 4)}, batch_size=8)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
+    for yaml_value, expected in ((None, True), ("no", False)):
+        seen.clear()
+        config = TrainConfig(steps=2, batch_size=8, warmup_steps=1, log_every=1, mixed_precision=yaml_value)
+        fit(torch.nn.Linear(4, 1), data, step_fn, config, tmp_path / str(yaml_value), "a", lambda m, d: None,
+            progress=False)
+        assert seen == [expected, expected], yaml_value
+
+
+def test_the_fsdp_state_path_resumes_bit_identically(tmp_path, monkeypatch):
+    """FSDP saves through accelerate's save_state/load_state; run here on one process (FSDP itself
+    needs GPUs), the path round-trips weights, optimizer, scheduler and RNGs exactly."""
+    monkeypatch.setattr(loop.Run, "fsdp", property(lambda self: True))
+
+    def train(run_dir, stop_after=None):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 1))
+        data = TableBatches({"x": torch.randn(64, 4)}, batch_size=8, seed=1)
+        config = TrainConfig(steps=8, batch_size=8, warmup_steps=2, log_every=1, checkpoint_every=2)
+        step = lambda m, b, s: {"loss": m(b["x"]).pow(2).mean()}
+        fit(model, data, step, config, run_dir, "m", lambda m, d: None, progress=False, stop_after=stop_after)
+        return model
+
+    straight = train(tmp_path / "straight")
+    train(tmp_path / "stopped", stop_after=3)
+    saved = checkpoints(tmp_path / "stopped" / "train-state" / "m")
+    assert [s for s, _ in saved] == [2, 3] and (saved[-1][1] / "accelerate").is_dir()
+    resumed = train(tmp_path / "stopped")
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_a_resumed_log_has_each_step_once(tmp_path):
+    config = dvae_config(tmp_path, "train.dvae.log_every=1")
+    stages.train_dvae(config, progress=False, stop_after=3)
+    log_path = tmp_path / "logs" / "dvae.jsonl"
+    with open(log_path, "a", encoding="utf-8") as handle:  # logged after the checkpoint, then killed
+        handle.write('{"step": 4, "loss": 1.0}\n')
+    stages.train_dvae(config, progress=False)
+    import json
+
+    steps = [json.loads(line)["step"] for line in log_path.read_text().splitlines()]
+    assert steps == list(range(1, 9))

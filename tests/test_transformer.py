@@ -9,8 +9,8 @@ import torch
 from dalle.checkpoint import CheckpointError
 from dalle.config import TransformerConfig, load_config
 from dalle.errors import DalleError
-from dalle.masks import PATTERNS, build_mask
-from dalle.transformer import (
+from dalle.models.masks import PATTERNS, build_mask
+from dalle.models.transformer import (
     DalleTransformer,
     drop_captions,
     empty_captions,

@@ -1,4 +1,4 @@
-"""A pretrained Hugging Face CLIP (`--clip hf:NAME_OR_DIR`) behind the `dalle.rerank.Scorer` interface.
+"""A pretrained Hugging Face CLIP (`--clip hf:NAME_OR_DIR`) behind the `dalle.inference.scoring.Scorer` interface.
 
 `transformers` is an optional extra (`pip install 'dalle[hf]'`), imported only when such a
 CLIP is asked for. The model's own processor prepares the inputs, so scores equal the
@@ -14,13 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from dalle.errors import DalleError
-from dalle.rerank import Images, tensor_to_pil
+from dalle.images import tensor_to_pil
+from dalle.inference.scoring import Images
 
 
 def import_transformers() -> Any:
     """The `transformers` module, or a one-line DalleError saying how to install it."""
     try:
-        import transformers
+        import transformers  # lazy: an optional extra (dalle[hf]), seconds to import
     except ImportError:
         raise DalleError("a Hugging Face CLIP (--clip hf:...) needs transformers: "
                          "pip install 'dalle[hf]' (or pip install transformers)") from None
@@ -34,7 +35,7 @@ def _features(output: Any) -> torch.Tensor:
 
 
 class HFCLIPScorer:
-    """A `transformers` CLIPModel and its CLIPProcessor, as a `dalle.rerank.Scorer`.
+    """A `transformers` CLIPModel and its CLIPProcessor, as a `dalle.inference.scoring.Scorer`.
 
     Args:
         name_or_dir: a Hub name (e.g. `openai/clip-vit-base-patch32`, needs the network or

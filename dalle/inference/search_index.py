@@ -9,7 +9,7 @@ unchanged and rebuilt (only for the pictures that changed) otherwise.
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from pathlib import Path
 
 import torch
@@ -17,11 +17,12 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from dalle.checkpoint import write_json_atomic
-from dalle.data import IMAGE_SUFFIXES, decode_image
 from dalle.errors import DalleError
-from dalle.rerank import Scorer
+from dalle.images import IMAGE_SUFFIXES, decode_image
+from dalle.inference.scoring import Scorer
 
 INDEX_DIR = ".dalle-index"
+log = logging.getLogger(__name__)
 
 
 def _stat(path: Path) -> list[int]:
@@ -77,7 +78,7 @@ def build_or_load_index(scorer: Scorer, folder: str | Path, model_id: str,
             stats.append(stat)
             embeddings.append(vector)
     if bad:
-        print(f"dalle: skipped {len(bad)} unreadable pictures in {folder}", file=sys.stderr)
+        log.warning("dalle: skipped %d unreadable pictures in %s", len(bad), folder)
     if not names:
         return [], torch.zeros(0, scorer.embed_dim)
     stacked = torch.stack(embeddings).float().contiguous()

@@ -40,6 +40,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
 from torch import Tensor
 
 from dalle.errors import DalleError
@@ -187,8 +188,6 @@ def save_masks_png(path: str | Path, patterns: list[str], text_len: int, grid: i
         kernel: the conv pattern's window.
         scale: pixels per mask cell.
     """
-    from PIL import Image, ImageDraw
-
     length = text_len + grid * grid
     side = length * scale
     margin, caption = 8, 14

@@ -1,7 +1,7 @@
 """Scoring pictures against words with a CLIP: reranking, zero-shot classification, search.
 
 Everything here goes through a small `Scorer` interface, which our own CLIP (with the
-project tokenizer) and a Hugging Face `transformers` CLIPModel (`dalle.hf_clip`) both
+project tokenizer) and a Hugging Face `transformers` CLIPModel (`dalle.inference.hf_clip`) both
 satisfy:
 
 - `embed_texts(texts) -> (n, D)` L2-normalised caption embeddings;
@@ -18,18 +18,16 @@ from one model are comparable across calls. Pictures always go through the image
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from dalle.errors import DalleError
+from dalle.images import pil_to_tensor
 
 Images = torch.Tensor | Sequence[Image.Image]  # (N, 3, H, W) floats in [0, 1], or PIL images
-HF_PREFIX = "hf:"
 
 
 @runtime_checkable
@@ -91,21 +89,6 @@ class CLIPScorer:
                 return torch.zeros(0, self.embed_dim)
             images = torch.stack([pil_to_tensor(image, size) for image in images])  # (n, 3, S, S)
         return self.model.encode_image(images.to(self.device)).float().cpu()  # (n, D)
-
-
-def pil_to_tensor(image: Image.Image, size: int | None = None) -> torch.Tensor:
-    """A PIL image as a (3, H, W) float tensor in [0, 1], resized to size x size if given."""
-    image = image.convert("RGB")
-    if size is not None and image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BICUBIC)
-    array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (3, H, W)
-
-
-def tensor_to_pil(image: torch.Tensor) -> Image.Image:
-    """A (3, H, W) float tensor in [0, 1] as an 8-bit RGB PIL image."""
-    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array, mode="RGB")
 
 
 def embed_images(scorer: Scorer, images: Images, batch_size: int = 64) -> torch.Tensor:
@@ -210,24 +193,3 @@ def search(scorer: Scorer, query: str, image_embeddings: torch.Tensor, k: int) -
         raise DalleError("the search query is empty")
     indices, cosines = top_k(image_embeddings, scorer.embed_texts([query])[0], k)
     return indices, scorer.logit_scale * cosines
-
-
-def load_scorer(spec: str | Path, tokenizer: Any = None, device: str | torch.device = "cpu") -> Scorer:
-    """Opens a CLIP for scoring: `hf:NAME_OR_DIR` for Hugging Face, else one of our model directories.
-
-    Args:
-        spec: `hf:openai/clip-vit-base-patch32`, `hf:/path/to/saved/model`, or the path of
-            a directory written by `dalle.clip.save_clip`.
-        tokenizer: the project tokenizer; needed for our own CLIP, ignored for `hf:`.
-        device: where to run the model.
-    """
-    spec = str(spec)
-    if spec.startswith(HF_PREFIX):
-        from dalle.hf_clip import HFCLIPScorer
-
-        return HFCLIPScorer(spec[len(HF_PREFIX):], device=device)
-    from dalle.clip import load_clip
-
-    if tokenizer is None:
-        raise DalleError(f"scoring with the CLIP in {spec} needs the project tokenizer it was trained with")
-    return CLIPScorer(load_clip(spec, device=device), tokenizer, device=device)

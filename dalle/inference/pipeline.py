@@ -11,20 +11,24 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 
 from dalle.checkpoint import CheckpointError, write_json_atomic
 from dalle.config import ConfigError, SamplingConfig, from_dict, to_dict
-from dalle.dvae import DVAE, decode, encode, load_dvae
 from dalle.errors import DalleError
-from dalle.rerank import CLIPScorer, Scorer, load_scorer, pil_to_tensor, rerank, tensor_to_pil
-from dalle.sampling import sample_image_codes
-from dalle.tokenizer import Tokenizer, load_tokenizer
-from dalle.transformer import DalleTransformer, load_transformer
+from dalle.images import pil_to_tensor, tensor_to_pil
+from dalle.inference.hf_clip import HFCLIPScorer
+from dalle.inference.sampling import sample_image_codes
+from dalle.inference.scoring import CLIPScorer, Scorer, rerank
+from dalle.models.clip import load_clip
+from dalle.models.dvae import DVAE, decode, encode, load_dvae
+from dalle.models.transformer import DalleTransformer, load_transformer
+from dalle.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 
-TOKENIZER_FILE = "tokenizer.json"
+HF_PREFIX = "hf:"  # --clip hf:NAME_OR_DIR: a Hugging Face CLIP
 SAMPLING_FILE = "sampling.json"  # the pipeline's default sampling settings (a SamplingConfig)
 
 
@@ -188,7 +192,7 @@ def read_sampling_defaults(directory: str | Path) -> SamplingConfig:
 def load_scorer_for(directory: str | Path, clip: str | None = None, device: str | torch.device = "cpu") -> Scorer:
     """The CLIP of a pipeline (or CLIP-only) directory, or `clip` (hf:NAME or a directory) if given."""
     directory = Path(directory)
-    if clip is not None and clip.startswith("hf:"):
+    if clip is not None and clip.startswith(HF_PREFIX):
         return load_scorer(clip, device=device)
     tokenizer_path = directory / TOKENIZER_FILE
     clip_dir = Path(clip) if clip else directory / "clip"
@@ -209,3 +213,20 @@ def load_scorer_for(directory: str | Path, clip: str | None = None, device: str 
     if not tokenizer_path.is_file():
         raise CheckpointError(f"no {TOKENIZER_FILE} beside {clip_dir}: the CLIP needs its tokenizer")
     return load_scorer(clip_dir, tokenizer=load_tokenizer(tokenizer_path, text_len), device=device)
+
+
+def load_scorer(spec: str | Path, tokenizer: Any = None, device: str | torch.device = "cpu") -> Scorer:
+    """Opens a CLIP for scoring: `hf:NAME_OR_DIR` for Hugging Face, else one of our model directories.
+
+    Args:
+        spec: `hf:openai/clip-vit-base-patch32`, `hf:/path/to/saved/model`, or the path of
+            a directory written by `dalle.clip.save_clip`.
+        tokenizer: the project tokenizer; needed for our own CLIP, ignored for `hf:`.
+        device: where to run the model.
+    """
+    spec = str(spec)
+    if spec.startswith(HF_PREFIX):
+        return HFCLIPScorer(spec[len(HF_PREFIX):], device=device)
+    if tokenizer is None:
+        raise DalleError(f"scoring with the CLIP in {spec} needs the project tokenizer it was trained with")
+    return CLIPScorer(load_clip(spec, device=device), tokenizer, device=device)

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from dalle.config import ConfigError, DVAEConfig
-from dalle.dvae import DVAE, save_dvae
 from dalle.errors import DalleError
+from dalle.models.dvae import DVAE, save_dvae
 
 # OpenAI's dall_e Encoder and Decoder always have four groups.
 OPENAI_GROUPS = 4

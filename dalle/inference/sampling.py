@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dalle.errors import DalleError
-from dalle.transformer import DalleTransformer, KVCache, empty_captions
+from dalle.models.transformer import DalleTransformer, KVCache, empty_captions
 
 
 def top_k_filter(logits: Tensor, k: int | None) -> Tensor:
