@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# Lint first: CI fails on a ruff finding as on a failing test.
+.venv/bin/ruff check .
 exec .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"

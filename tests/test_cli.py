@@ -117,3 +117,16 @@ def test_demo_trains_reuses_and_ends_with_the_grid_path(tmp_path, capsys):
     assert (out / "report.html").is_file() and (out / "model" / "transformer" / "model.safetensors").is_file()
     assert main(["demo", "--out", str(out), "--config", tiny, *fast]) == 0
     assert "already trained" in capsys.readouterr().err
+
+
+def test_python_dash_m_dalle_is_the_same_command():
+    import subprocess
+    import sys
+
+    from dalle import __version__
+
+    out = subprocess.run([sys.executable, "-m", "dalle", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"dalle {__version__}"
+    out = subprocess.run([sys.executable, "-m", "dalle", "generate", "--model", "nowhere", "--prompt", "x",
+                          "--out", "o"], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and out.stderr.startswith("dalle: error:")
