@@ -9,6 +9,7 @@ model, missing or unexpected weights, other shapes) instead of a stack of shape 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -43,12 +44,80 @@ def fsync_directory(path: Path) -> None:
             os.close(fd)
 
 
+LOCK_FILE = ".dalle-lock"
+
+
+class InUseError(DalleError):
+    """Another process is writing the same output or run directory."""
+
+
+@contextlib.contextmanager
+def lock_directory(directory: str | Path) -> Iterator[Path]:
+    """Holds an advisory lock on `directory` (created if missing) while the block runs.
+
+    A second writer (another `dalle` process) gets a one-line "in use by process N" error
+    instead of mixing its files with the first one's. The lock ends with the process, so a
+    killed run never leaves a stale lock behind.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise DalleError(f"{directory} is a file, not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = open(directory / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "?"
+            raise InUseError(f"{directory} is in use by process {owner}") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield directory
+    finally:
+        handle.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_directory(target: str | Path) -> None:
+    """Finishes or undoes a swap of `atomic_directory` that a killed process left half done.
+
+    A kill between its two renames leaves no `target`, the complete old copy as
+    `.NAME.old-PID` and the complete new one as `.NAME.tmp-PID-*`: the old copy comes back.
+    Leftovers of dead processes are removed; those of live ones are left alone.
+    """
+    target = Path(target)
+    if not target.parent.is_dir():
+        return
+    for leftover in sorted(target.parent.glob(f".{target.name}.old-*")) + sorted(
+            target.parent.glob(f".{target.name}.tmp-*")):
+        pid = leftover.name.rsplit(".", 1)[-1].split("-")[1]
+        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+            continue
+        if ".old-" in leftover.name and not target.exists():
+            os.replace(leftover, target)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Yields a temporary directory that replaces `target` only if the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    recover_directory(target)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield temporary
         for file in temporary.rglob("*"):
@@ -71,14 +140,22 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
 
 def write_json_atomic(path: str | Path, payload: Any) -> None:
     """Writes JSON to `path` through a temporary file and a rename."""
+    write_text_atomic(path, json.dumps(payload, indent=2))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Writes UTF-8 text to `path` through a new temporary file and a rename (never half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(name, path)  # replaces a symlink at `path` itself, never the file it points to
+    finally:
+        Path(name).unlink(missing_ok=True)
 
 
 def state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -112,6 +189,7 @@ def read_model_meta(directory: str | Path, kind: str) -> dict[str, Any]:
     """Reads and checks `config.json` of a model directory made for `kind`."""
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
+    recover_directory(directory)
     if not directory.is_dir():
         raise CheckpointError(f"model directory not found: {directory}")
     if not config_path.is_file():
@@ -120,6 +198,8 @@ def read_model_meta(directory: str | Path, kind: str) -> dict[str, Any]:
         meta = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{config_path} is not valid JSON: {error}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{config_path} must hold a JSON object, got a {type(meta).__name__}")
     found = meta.get("kind")
     if found != kind:
         raise CheckpointError(f"{directory} holds a {found!r} model, expected a {kind!r} model")
@@ -153,6 +233,10 @@ def load_model(directory: str | Path, kind: str, config_class: type, build) -> t
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {error}") from None
     check_state_matches(model, state, str(directory))
+    bad = next((name for name, tensor in state.items() if tensor.is_floating_point() and
+                not torch.isfinite(tensor).all()), None)
+    if bad is not None:
+        raise CheckpointError(f"{weights_path}: weight '{bad}' holds NaN or infinite values")
     model.load_state_dict(state)
     model.eval()
     return model, config

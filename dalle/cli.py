@@ -21,17 +21,18 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dalle import __version__
-from dalle.config import Config, DataConfig, load_config
+from dalle.checkpoint import lock_directory, write_text_atomic
+from dalle.config import Config, ConfigError, DataConfig, check_sampling, load_config
 from dalle.data.sources import export_folder, open_source, take
 from dalle.demo import run_demo
-from dalle.errors import DalleError
+from dalle.errors import DalleError, user_message
 from dalle.evaluation.evaluate import evaluate_pipeline
 from dalle.evaluation.stages import evaluate_clip_shapes, evaluate_dvae
-from dalle.images import IMAGE_SUFFIXES, decode_image, pil_to_tensor, tensor_to_pil
-from dalle.inference.pipeline import load_pipeline, load_scorer_for
+from dalle.images import IMAGE_SUFFIXES, read_images, tensor_to_pil
+from dalle.inference.pipeline import check_request, load_pipeline, load_scorer_for
 from dalle.inference.scoring import classify as classify_images
 from dalle.inference.scoring import search as search_embeddings
-from dalle.inference.search_index import build_or_load_index
+from dalle.inference.search_index import build_or_load_index, index_dir_for
 from dalle.models.convert import convert_openai_dvae
 from dalle.models.dvae import decode, encode, load_dvae
 from dalle.tokenizer import train_bpe
@@ -44,8 +45,14 @@ log = logging.getLogger("dalle")
 # ----------------------------------------------------------------------------- data
 
 
+def _check_count(flag: str, value: int, least: int, why: str = "", most: int = 10_000_000) -> None:
+    if not least <= value <= most:
+        raise DalleError(f"{flag} must be in [{least}, {most}], got {value}" + (f" ({why})" if why else ""))
+
+
 def data_export(data: str, split: str, n: int, size: int, seed: int, out: str) -> Path:
     """Writes N pairs of a source as DIR/00000.png + DIR/00000.txt (readable by folder:DIR)."""
+    _check_count("--n", n, 0)
     source = open_source(data, DataConfig(source=data, split=split, size=size, seed=seed), n=n)
     count = export_folder(take(source, n), out)
     print(f"wrote {count} pairs to {out}")
@@ -56,6 +63,8 @@ def data_export(data: str, split: str, n: int, size: int, seed: int, out: str) -
 
 def data_show(data: str, split: str, n: int, size: int, seed: int, out: str, columns: int = 8) -> Path:
     """Writes a PNG grid of N pairs of a source with each caption under its image."""
+    _check_count("--n", n, 1)
+    _check_count("--columns", columns, 1)
     config = DataConfig(source=data, split=split, size=size, seed=seed)
     path = save_png(caption_grid(take(open_source(data, config, n=n), n), columns=columns), out)
     print(path)
@@ -65,6 +74,8 @@ def data_show(data: str, split: str, n: int, size: int, seed: int, out: str, col
 def train_tokenizer(data: str, out: str, vocab_size: int = 512, n: int = 20000, size: int = 32, seed: int = 0,
                     paraphrase_prob: float = 0.2) -> Path:
     """Trains a byte-level BPE on the captions of a data source and saves it as JSON."""
+    _check_count("--vocab-size", vocab_size, 260, "the byte alphabet and the specials need 260")
+    _check_count("--n", n, 1)
     config = DataConfig(source=data, size=size, seed=seed, paraphrase_prob=paraphrase_prob)
     captions = [caption for _, caption in take(open_source(data, config, n=n), n)]
     if not captions:
@@ -133,25 +144,6 @@ def convert_openai(encoder: str, decoder: str, out: str, trust_pickle: bool = Fa
 # ----------------------------------------------------------------------------- inference
 
 
-def read_images(paths: list[str], size: int | None = None) -> tuple[list[tuple[str, torch.Tensor]], list[str]]:
-    """Reads pictures as (path, (3, S, S) float) pairs; unreadable ones are listed, not raised."""
-    good, bad = [], []
-    for path in paths:
-        try:
-            data = Path(path).read_bytes()
-        except OSError:
-            bad.append(path)
-            continue
-        image = decode_image(data)
-        if image is None:
-            bad.append(path)
-        else:
-            good.append((path, pil_to_tensor(image, size)))
-    for path in bad:
-        log.warning("dalle: skipped %s: missing or not a readable image", path)
-    return good, bad
-
-
 def reconstruct(model: str, images: list[str], out: str) -> Path:
     """Encodes and decodes pictures with a dVAE; writes originals above reconstructions."""
     dvae = load_dvae(Path(model) / "dvae" if (Path(model) / "dvae").is_dir() else Path(model))
@@ -186,11 +178,17 @@ def generate(model: str, out: str, prompt: list[str] | None = None, prompts_file
     prompts = prompt or (read_prompts_file(prompts_file) if prompts_file else [])
     if not prompts:
         raise DalleError("no prompts: give --prompt TEXT or a --prompts-file with one prompt a line")
+    check_request(prompts, candidates, keep, seed)  # every argument checked before any output is touched
+    try:
+        check_sampling(temperature, top_k, top_p, cond_scale)
+    except ConfigError as error:
+        raise DalleError(f"sampling: {error}") from None
+    if batch_size is not None and batch_size < 1:
+        raise DalleError(f"--batch-size must be >= 1, got {batch_size}")
     pipeline = load_pipeline(model, clip=clip if rerank == "clip" else None)
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows, labels = [], []
-    with open(out_dir / "samples.jsonl", "w", encoding="utf-8") as handle:
+    with lock_directory(out_dir):
+        lines, rows, labels = [], [], []
         for index, text in enumerate(tqdm(prompts, desc="prompts", disable=len(prompts) < 2)):
             (kept,) = pipeline([text], candidates=candidates, keep=keep, seed=seed + index,
                                temperature=temperature, top_k=top_k, top_p=top_p, cond_scale=cond_scale,
@@ -198,14 +196,15 @@ def generate(model: str, out: str, prompt: list[str] | None = None, prompts_file
                                rerank_with_clip=rerank == "clip", batch_size=batch_size)
             for sample in kept:
                 name = f"{index:04d}-{sample.rank:03d}.png"
-                sample.image.save(out_dir / name)
-                handle.write(json.dumps({"prompt": text, "image": name, "rank": sample.rank,
-                                         "clip_score": sample.clip_score, "seed": seed + index}) + "\n")
+                save_png(sample.image, out_dir / name)
+                lines.append({"prompt": text, "image": name, "rank": sample.rank, "clip_score": sample.clip_score,
+                              "seed": seed + index})
             rows.append([s.image for s in kept])
             labels.append([f"#{s.rank}" + (f" {s.clip_score:.1f}" if s.clip_score is not None else "") for s in kept])
-    grid = labelled_grid(rows[:64], labels[:64], row_titles=[p or "(no caption)" for p in prompts[:64]],
-                         label_lines=1)
-    save_png(grid, out_dir / "grid.png")
+        grid = labelled_grid(rows[:64], labels[:64], row_titles=[p or "(no caption)" for p in prompts[:64]],
+                             label_lines=1)
+        save_png(grid, out_dir / "grid.png")
+        write_text_atomic(out_dir / "samples.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
     print(out_dir / "samples.jsonl")
     return out_dir
 
@@ -245,21 +244,22 @@ def classify(model: str, labels: list[str], clip: str | None = None) -> list[dic
 
 
 def search(model: str, images: str, query: str, k: int = 5, clip: str | None = None,
-           strip: str | None = None) -> list[dict]:
-    """Text-to-image search over a folder; the embedding index is kept beside the images."""
+           strip: str | None = None, index_dir: str | None = None) -> list[dict]:
+    """Text-to-image search over a folder; the embedding index is kept beside the images (or in --index-dir)."""
     if not query.strip():
         raise DalleError("the search query is empty")
-    if k < 1:
-        raise DalleError(f"--k must be >= 1, got {k}")
+    _check_count("--k", k, 1)
+    index = index_dir_for(images, index_dir)
     scorer = load_scorer_for(model, clip)
-    paths, embeddings = build_or_load_index(scorer, images, model_id=str(clip or Path(model).resolve()))
+    paths, embeddings = build_or_load_index(scorer, images, model_id=str(clip or Path(model).resolve()),
+                                            index_dir=index)
     if not paths:
         raise DalleError(f"no readable images in {images}")
     indices, scores = search_embeddings(scorer, query, embeddings, k)
     hits = [{"image": paths[i], "score": float(s)} for i, s in zip(indices.tolist(), scores.tolist())]
     for hit in hits:
         print(json.dumps(hit))
-    strip_path = Path(strip) if strip else Path(images) / ".dalle-index" / "last-search.png"
+    strip_path = Path(strip) if strip else index / "last-search.png"
     pictures = [Image.open(hit["image"]).convert("RGB") for hit in hits]
     save_png(labelled_grid([pictures], [[f"{i + 1}: {h['score']:.1f}" for i, h in enumerate(hits)]],
                            row_titles=[query], label_lines=1), strip_path)
@@ -397,6 +397,7 @@ def _inference_parsers(commands) -> None:
     srch.add_argument("--k", type=int, default=5)
     srch.add_argument("--clip", help="hf:NAME_OR_DIR to use a Hugging Face CLIP")
     srch.add_argument("--strip", help="where to write the PNG strip of the hits")
+    srch.add_argument("--index-dir", help="keep the embedding index here (default: IMAGES/.dalle-index)")
 
 
 def _evaluation_parsers(commands) -> None:
@@ -421,8 +422,15 @@ def _evaluation_parsers(commands) -> None:
     dm.add_argument("--eval-prompts", type=int, default=10, help="prompts per evaluation set")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one `dalle: error:` line (exit 2), like every other user error; -h shows usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"dalle: error: {self.prog.removeprefix('dalle ')}: {message} (see {self.prog} -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dalle", description="DALL-E 1: dVAE, transformer, CLIP reranking.")
+    parser = OneLineParser(prog="dalle", description="DALL-E 1: dVAE, transformer, CLIP reranking.")
     parser.add_argument("--version", action="version", version=f"dalle {__version__}")
     parser.add_argument("--quiet", action="store_true", help="only warnings and errors on stderr")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -452,16 +460,22 @@ def setup_logging(quiet: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dalle` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # -h, --version, or an argument error already printed as one line
+        return exit.code if isinstance(exit.code, int) else 2
     setup_logging(args.quiet)
     try:
         run(args)
-    except DalleError as error:
-        print(f"dalle: error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("dalle: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # noqa: BLE001 - expected failures become one line; anything else re-raises
+        message = user_message(error)
+        if message is None:
+            raise
+        print(f"dalle: error: {message}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -11,6 +11,7 @@ A run directory (`run_dir`) is also the pipeline directory that inference loads:
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ class DataConfig:
         _check(self.split in ("train", "test"), "data.split", f"must be train or test, got {self.split!r}")
         _check(0.0 <= self.paraphrase_prob <= 1.0, "data.paraphrase_prob", "must be in [0, 1]")
         _check(0.0 <= self.one_object_share <= 1.0, "data.one_object_share", "must be in [0, 1]")
+        _check(self.n >= 0, "data.n", f"must be >= 0 (0: all), got {self.n}")
+        _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1]")
 
 
 @dataclass
@@ -59,7 +62,7 @@ class TokenizerConfig:
     bpe_dropout: float = 0.0  # paper: 0.1 while training the transformer
 
     def __post_init__(self):
-        _check(self.text_len >= 1, "tokenizer.text_len", "must be >= 1")
+        _check(1 <= self.text_len <= 4096, "tokenizer.text_len", f"must be in [1, 4096], got {self.text_len}")
         _check(self.vocab_size >= 260, "tokenizer.vocab_size", "must be >= 260 (byte alphabet + specials)")
         _check(0.0 <= self.bpe_dropout < 1.0, "tokenizer.bpe_dropout", "must be in [0, 1)")
 
@@ -96,7 +99,15 @@ class DVAEConfig:
     usage_weight: float = 0.0
 
     def __post_init__(self):
-        _check(self.groups >= 1, "dvae.groups", "must be >= 1")
+        _positive(self, "dvae", "image_size", "channels", "blocks_per_group", "groups", "decoder_init",
+                  "temperature_steps")
+        _check(self.hidden >= 4, "dvae.hidden",
+               f"must be >= 4 (its residual blocks are a quarter as wide), got {self.hidden}")
+        _finite(self, "dvae", "temperature_start", "temperature_end", "kl_weight_end", "usage_weight")
+        _check(self.temperature_start > 0 and self.temperature_end > 0, "dvae.temperature_start/end", "must be > 0")
+        _check(self.kl_weight_end >= 0 and self.usage_weight >= 0, "dvae.kl_weight_end/usage_weight", "must be >= 0")
+        _check(self.kl_warmup_steps >= 0, "dvae.kl_warmup_steps", "must be >= 0")
+        _check(self.groups <= 8, "dvae.groups", f"must be <= 8, got {self.groups}")
         factor = 2 ** (self.groups - 1)
         _check(self.image_size % factor == 0, "dvae.image_size", f"must be divisible by {factor}")
         _check(self.codebook_size >= 2, "dvae.codebook_size", "must be >= 2")
@@ -131,8 +142,13 @@ class TransformerConfig:
     image_grid: int = 8
 
     def __post_init__(self):
+        _positive(self, "transformer", "dim", "depth", "heads", "mlp_ratio", "conv_kernel", "text_len", "image_grid")
         _check(self.dim % self.heads == 0, "transformer.dim", f"{self.dim} is not divisible by heads={self.heads}")
-        _check(self.depth >= 1, "transformer.depth", "must be >= 1")
+        _check(0.0 <= self.dropout < 1.0, "transformer.dropout", "must be in [0, 1)")
+        _finite(self, "transformer", "text_loss_weight", "image_loss_weight")
+        _check(self.text_loss_weight >= 0 and self.image_loss_weight >= 0, "transformer.*_loss_weight", "must be >= 0")
+        _check(self.text_vocab > self.text_len, "transformer.text_vocab", "must exceed transformer.text_len")
+        _check(self.image_vocab >= 2, "transformer.image_vocab", "must be >= 2")
         _check(0.0 <= self.caption_dropout <= 1.0, "transformer.caption_dropout", "must be in [0, 1]")
         _check(self.conv_kernel % 2 == 1, "transformer.conv_kernel", "must be odd")
         for name in self.attention:
@@ -174,6 +190,8 @@ class CLIPConfig:
     text_vocab: int = 512
 
     def __post_init__(self):
+        _positive(self, "clip", "embed_dim", "text_dim", "text_depth", "text_heads", "vision_dim", "vision_depth",
+                  "vision_heads", "patch_size", "image_size", "text_len")
         _check(self.image_size % self.patch_size == 0, "clip.image_size", "must be divisible by clip.patch_size")
         _check(self.text_dim % self.text_heads == 0, "clip.text_dim", "must be divisible by clip.text_heads")
         _check(self.vision_dim % self.vision_heads == 0, "clip.vision_dim", "must be divisible by clip.vision_heads")
@@ -187,7 +205,8 @@ class CLIPConfig:
                "must be >= 16 for the conv tower")
         _check(self.text_vocab > self.text_len, "clip.text_vocab",
                f"must exceed clip.text_len (BPE ids + one padding id per position), got {self.text_vocab}")
-        _check(self.init_temperature > 0, "clip.init_temperature", "must be > 0")
+        _check(math.isfinite(self.init_temperature) and self.init_temperature > 0, "clip.init_temperature",
+               "must be finite and > 0")
 
 
 @dataclass
@@ -215,11 +234,20 @@ class TrainConfig:
     def __post_init__(self):
         _check(self.steps >= 1, "train.steps", "must be >= 1")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
-        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(math.isfinite(self.lr) and self.lr > 0, "train.lr", f"must be finite and > 0, got {self.lr}")
+        _finite(self, "train", "weight_decay", "min_lr_ratio", "grad_clip", "ema")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
+        _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0: no clipping)")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _positive(self, "train", "log_every", "keep_checkpoints")
+        _check(self.sample_every >= 0 and self.checkpoint_every >= 0 and self.num_workers >= 0,
+               "train.sample_every/checkpoint_every/num_workers", "must be >= 0")
         _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
         _check(self.mixed_precision in (None, "no", "bf16", "fp16"), "train.mixed_precision",
                "must be no, bf16, fp16 or null (the launch configuration decides)")
-        _check(len(self.betas) == 2, "train.betas", "must hold two numbers")
+        _check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "train.betas",
+               "must hold two numbers in [0, 1)")
         _check(0.0 <= self.ema < 1.0, "train.ema", "must be in [0, 1)")
 
 
@@ -236,10 +264,7 @@ class SamplingConfig:
     cond_scale: float = 1.0
 
     def __post_init__(self):
-        _check(self.temperature > 0, "sampling.temperature", "must be > 0")
-        _check(self.top_k is None or self.top_k >= 1, "sampling.top_k", "must be >= 1 (or null: off)")
-        _check(self.top_p is None or 0.0 < self.top_p <= 1.0, "sampling.top_p", "must be in (0, 1] (or null: off)")
-        _check(self.cond_scale >= 0, "sampling.cond_scale", "must be >= 0")
+        check_sampling(self.temperature, self.top_k, self.top_p, self.cond_scale, prefix="sampling.")
 
 
 @dataclass
@@ -268,6 +293,37 @@ class Config:
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key} {message}")
+
+
+def _positive(config: Any, section: str, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        _check(value >= 1, f"{section}.{name}", f"must be >= 1, got {value}")
+
+
+def _finite(config: Any, section: str, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        _check(math.isfinite(value), f"{section}.{name}", f"must be a finite number, got {value}")
+
+
+def check_sampling(temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                   cond_scale: float | None = None, prefix: str = "") -> None:
+    """The one rule for sampling settings (sampling.json, the CLI, `Pipeline.__call__`); None: not given.
+
+    top_k 0 and top_p 1 mean off; cond_scale 1 is no guidance, below 1 mixes toward the
+    unconditional model."""
+    if temperature is not None:
+        _check(math.isfinite(temperature) and temperature > 0, f"{prefix}temperature",
+               f"must be a finite number > 0, got {temperature}")
+    if top_k is not None:
+        _check(0 <= top_k <= 1_000_000, f"{prefix}top_k", f"must be in [0, 1000000] (0 or null: off), got {top_k}")
+    if top_p is not None:
+        _check(math.isfinite(top_p) and 0.0 < top_p <= 1.0, f"{prefix}top_p",
+               f"must be in (0, 1] (1 or null: off), got {top_p}")
+    if cond_scale is not None:
+        _check(math.isfinite(cond_scale) and 0.0 <= cond_scale <= 100.0, f"{prefix}cond_scale",
+               f"must be a finite number in [0, 100] (1: no guidance), got {cond_scale}")
 
 
 def from_dict(cls: type, values: dict[str, Any], where: str = "", source: str = "config") -> Any:
@@ -339,7 +395,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{source}: {key} goes through a value that is not a section")
-        node[parts[-1]] = yaml.safe_load(text)
+        try:
+            node[parts[-1]] = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            first = str(error).splitlines()[0]
+            raise ConfigError(f"{source}: {item!r}: the value is not valid YAML ({first})") from None
     return raw
 
 
@@ -356,6 +416,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text") from None
+        except OSError as error:
+            raise ConfigError(f"cannot read the config {path}: {error.strerror}") from None
     if overrides:
         raw = apply_overrides(raw, overrides)
         source = f"{source} (with --set)"

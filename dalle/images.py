@@ -7,10 +7,14 @@ carry) or float in `[0, 1]` (what the models read and write).
 from __future__ import annotations
 
 import io
+import logging
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
 
 # What folders of pictures are searched for (data sources, search, classify).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
@@ -74,3 +78,22 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """float (B, 3, H, W) in [0, 1] -> uint8 (B, 3, H, W), rounded."""
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def read_images(paths: list[str], size: int | None = None) -> tuple[list[tuple[str, torch.Tensor]], list[str]]:
+    """Reads pictures as (path, (3, S, S) float) pairs; unreadable ones are listed, not raised."""
+    good, bad = [], []
+    for path in paths:
+        try:
+            data = Path(path).read_bytes()
+        except OSError:
+            bad.append(path)
+            continue
+        image = decode_image(data)
+        if image is None:
+            bad.append(path)
+        else:
+            good.append((path, pil_to_tensor(image, size)))
+    for path in bad:
+        log.warning("skipped %s: missing or not a readable image", path)
+    return good, bad

@@ -74,7 +74,9 @@ class Tokenizer:
         if isinstance(texts, str):
             texts = [texts]
         block = self.pad_ids().repeat(len(texts), 1)  # (B, T)
-        for row, encoding in enumerate(self.hf.encode_batch([str(t) for t in texts])):
+        # Lone surrogates (bytes that were not UTF-8 on the command line) become U+FFFD.
+        texts = [str(t).encode("utf-8", "replace").decode("utf-8") for t in texts]
+        for row, encoding in enumerate(self.hf.encode_batch(texts)):
             ids = encoding.ids
             if len(ids) > self.text_len:
                 if not self._warned:

@@ -6,6 +6,8 @@ stay crisp and the text under them fits.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -74,9 +76,18 @@ def caption_grid(pairs: list[tuple[Image.Image, str]], columns: int = 8, cell: i
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
+    """Writes a PNG (whatever the name's suffix) through a temporary file renamed into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    if path.is_dir():
+        raise IsADirectoryError(21, "is a directory, not a picture's file name", str(path))
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:  # a new file (O_EXCL), renamed over `path`: a symlink planted at `path` is replaced, not followed
+        with os.fdopen(descriptor, "wb") as handle:
+            image.save(handle, format="PNG")
+        os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
     return path
 
 

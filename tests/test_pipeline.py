@@ -123,7 +123,7 @@ def test_sampling_json_sets_the_defaults_and_call_options_override_them(tiny_pip
     assert pictures(pipeline, temperature=1.0, top_k=0, cond_scale=1.0) == pictures(plain)
 
     (model / "sampling.json").write_text('{"temperature": -1}')
-    with pytest.raises(CheckpointError, match="sampling.temperature must be > 0"):
+    with pytest.raises(CheckpointError, match="sampling.temperature must be a finite number > 0"):
         load_pipeline(model)
     (model / "sampling.json").write_text('{"temprature": 1}')
     with pytest.raises(CheckpointError, match="unknown key 'temprature'"):

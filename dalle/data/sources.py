@@ -173,11 +173,16 @@ class FolderSource(Source):
         if not caption_path.is_file():
             self.skip("missing caption")
             return None
-        caption = decode_caption(caption_path.read_bytes(), self.rng)
+        try:  # a dangling symlink, a directory named x.png, a file without read permission
+            caption_bytes, image_bytes = caption_path.read_bytes(), path.read_bytes()
+        except OSError:
+            self.skip("unreadable file")
+            return None
+        caption = decode_caption(caption_bytes, self.rng)
         if caption is None:
             self.skip("unusable caption")
             return None
-        image = decode_image(path.read_bytes())
+        image = decode_image(image_bytes)
         if image is None:
             self.skip("broken image")
             return None

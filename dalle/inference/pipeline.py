@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from dalle.checkpoint import CheckpointError, write_json_atomic
-from dalle.config import ConfigError, SamplingConfig, from_dict, to_dict
+from dalle.config import ConfigError, SamplingConfig, check_sampling, from_dict, to_dict
 from dalle.errors import DalleError
 from dalle.images import pil_to_tensor, tensor_to_pil
 from dalle.inference.hf_clip import HFCLIPScorer
@@ -29,6 +29,9 @@ from dalle.models.transformer import DalleTransformer, load_transformer
 from dalle.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 
 HF_PREFIX = "hf:"  # --clip hf:NAME_OR_DIR: a Hugging Face CLIP
+MAX_CANDIDATES = 10_000  # pictures sampled per prompt, at most
+MAX_PROMPT_CHARS = 1_000
+MAX_SEED = 2**63 - 1
 SAMPLING_FILE = "sampling.json"  # the pipeline's default sampling settings (a SamplingConfig)
 
 
@@ -95,13 +98,16 @@ class Pipeline:
         """
         if isinstance(prompts, str):
             prompts = [prompts]
-        if candidates < 1 or not 1 <= keep <= candidates:
-            raise DalleError(f"need candidates >= 1 and 1 <= keep <= candidates, got {candidates} and {keep}")
+        check_request(prompts, candidates, keep, seed)
+        try:
+            check_sampling(temperature, top_k, top_p, cond_scale)
+        except ConfigError as error:
+            raise DalleError(f"sampling: {error}") from None
         if rerank_with_clip and self.scorer is None:
             raise DalleError("this pipeline has no CLIP to rerank with: use --rerank none or --clip hf:NAME")
         defaults = self.sampling
         temperature = defaults.temperature if temperature is None else temperature
-        top_k = defaults.top_k if top_k is None else (top_k or None)  # 0: off
+        top_k = (defaults.top_k if top_k is None else top_k) or None  # 0: off
         top_p = defaults.top_p if top_p is None else top_p
         cond_scale = defaults.cond_scale if cond_scale is None else cond_scale
         prime = self.encode_prime(prime_image, prime_rows) if prime_image is not None else None
@@ -123,6 +129,21 @@ class Pipeline:
             results.append([Sample(tensor_to_pil(pixels[i]), rank + 1, scores[i] if scores else None, i)
                             for rank, i in enumerate(order[:keep])])
         return results
+
+
+def check_request(prompts: list[str], candidates: int, keep: int, seed: int) -> None:
+    """Names the first thing wrong with a request (the same limits for the CLI and the API)."""
+    if not 1 <= candidates <= MAX_CANDIDATES:
+        raise DalleError(f"candidates must be in [1, {MAX_CANDIDATES}], got {candidates}")
+    if not 1 <= keep <= candidates:
+        raise DalleError(f"keep must be in [1, candidates = {candidates}], got {keep}")
+    if not 0 <= seed <= MAX_SEED - len(prompts):
+        raise DalleError(f"seed must be in [0, 2**63 - 1 - prompts], got {seed}")
+    for prompt in prompts:
+        if not isinstance(prompt, str):
+            raise DalleError(f"a prompt must be text, got {type(prompt).__name__}")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise DalleError(f"a prompt may have at most {MAX_PROMPT_CHARS} characters, got {len(prompt)}")
 
 
 def check_fit(tokenizer: Tokenizer, transformer: DalleTransformer, dvae: DVAE, scorer: Scorer | None) -> None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -30,14 +32,25 @@ def _stat(path: Path) -> list[int]:
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def build_or_load_index(scorer: Scorer, folder: str | Path, model_id: str,
-                        batch_size: int = 64) -> tuple[list[str], torch.Tensor]:
-    """(paths, (N, D) embeddings) of the readable pictures under `folder`."""
+def index_dir_for(folder: str | Path, index_dir: str | Path | None = None) -> Path:
+    """Where the index of `folder` lives: `index_dir`, or FOLDER/.dalle-index (never through a symlink)."""
+    path = Path(index_dir) if index_dir is not None else Path(folder) / INDEX_DIR
+    if path.is_symlink():
+        raise DalleError(f"{path} is a symlink: refusing to write the index through it (use --index-dir)")
+    return path
+
+
+def build_or_load_index(scorer: Scorer, folder: str | Path, model_id: str, batch_size: int = 64,
+                        index_dir: str | Path | None = None) -> tuple[list[str], torch.Tensor]:
+    """(paths, (N, D) embeddings) of the readable pictures under `folder`.
+
+    The index lives in `index_dir` (default FOLDER/.dalle-index); a broken one is rebuilt."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DalleError(f"image folder not found: {folder}")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and INDEX_DIR not in p.parts)
-    index_dir = folder / INDEX_DIR
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and INDEX_DIR not in p.parts
+                   and p.is_file())
+    index_dir = index_dir_for(folder, index_dir)
     old: dict[str, tuple[list[int], torch.Tensor]] = {}
     old_bad: dict[str, list[int]] = {}  # unreadable pictures, not retried while unchanged
     meta_path, weights_path = index_dir / "index.json", index_dir / "embeddings.safetensors"
@@ -48,8 +61,8 @@ def build_or_load_index(scorer: Scorer, folder: str | Path, model_id: str,
             if meta.get("model") == model_id and saved.shape[0] == len(meta["files"]):
                 old = {name: (stat, saved[i]) for i, (name, stat) in enumerate(meta["files"])}
                 old_bad = {name: stat for name, stat in meta.get("unreadable", [])}
-        except (OSError, ValueError, KeyError, json.JSONDecodeError):
-            old = {}  # a broken index is rebuilt
+        except (OSError, ValueError, KeyError, TypeError, IndexError, SafetensorError):
+            old, old_bad = {}, {}  # a broken index is rebuilt
     names, stats, embeddings, to_embed, bad = [], [], [], [], []
     for path in files:
         name = str(path.relative_to(folder))
@@ -65,7 +78,10 @@ def build_or_load_index(scorer: Scorer, folder: str | Path, model_id: str,
     reused = len(names)
     pending_images, pending = [], []
     for name, stat, path in tqdm(to_embed, desc="embedding pictures", disable=len(to_embed) < 64):
-        image = decode_image(path.read_bytes())
+        try:
+            image = decode_image(path.read_bytes())
+        except OSError:  # vanished or unreadable since the listing
+            image = None
         if image is None:
             bad.append((name, stat))
             continue
@@ -83,8 +99,11 @@ def build_or_load_index(scorer: Scorer, folder: str | Path, model_id: str,
         return [], torch.zeros(0, scorer.embed_dim)
     stacked = torch.stack(embeddings).float().contiguous()
     if to_embed or reused != len(old) or len(bad) != len(old_bad):
-        index_dir.mkdir(exist_ok=True)
-        save_file({"embeddings": stacked}, str(weights_path))
+        index_dir.mkdir(parents=True, exist_ok=True)
+        temporary = index_dir / f".embeddings.{os.getpid()}.tmp"
+        temporary.unlink(missing_ok=True)  # a new file, never one planted in its place
+        save_file({"embeddings": stacked}, str(temporary))
+        os.replace(temporary, weights_path)
         write_json_atomic(meta_path, {"model": model_id, "files": [[n, s] for n, s in zip(names, stats)],
                                       "unreadable": [[n, s] for n, s in bad]})
     return [str(folder / name) for name in names], stacked

@@ -374,6 +374,11 @@ def _finish(run: Run, state: TrainState, save_fn: Callable | None, model_dir: Pa
             for param, average in zip(run.raw_model.parameters(), run.ema):
                 param.copy_(average)
     full_state = accelerator.get_state_dict(run.model)  # collective: every process takes part
+    bad = next((name for name, tensor in (full_state or {}).items()
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+    if bad is not None:  # never publish a model that draws black pictures
+        raise TrainingError(f"[{run.stage}] weight '{bad}' is NaN or infinite after training; nothing was saved "
+                            f"(lower the learning rate; earlier checkpoints are in {run.state_dir})")
     _checkpoint(run, state.step, with_ema=False)
     if accelerator.is_main_process:
         if save_fn is not None:

@@ -19,9 +19,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dalle.checkpoint import atomic_directory, state_for_saving, write_json_atomic
+from dalle.checkpoint import (
+    CheckpointError,
+    atomic_directory,
+    check_state_matches,
+    state_for_saving,
+    write_json_atomic,
+)
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -107,14 +114,26 @@ def save_training_state(state_dir: Path, step: int, model, optimizer, scheduler,
 
 
 def load_training_state(path: Path, model, optimizer, scheduler, ema) -> int:
-    """Restores a checkpoint written by `save_training_state`; returns its step."""
-    meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
-    optimizer.load_state_dict(optimizer_from_files(load_file(str(path / "optimizer.safetensors")), meta["optimizer"]))
-    scheduler.load_state_dict(meta["scheduler"])
-    if ema is not None and (path / "ema.safetensors").is_file():
-        saved = load_file(str(path / "ema.safetensors"))
-        for i, tensor in enumerate(ema):
-            tensor.copy_(saved[str(i)])
-    set_rng_state(load_file(str(path / "rng.safetensors")), meta["rng"])
-    return int(meta["step"])
+    """Restores a checkpoint written by `save_training_state`; returns its step.
+
+    A checkpoint of another model (changed sizes) or a damaged one is named in one line."""
+    try:
+        meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        weights = load_file(str(path / "model.safetensors"))
+        check_state_matches(model, weights, f"the training checkpoint {path} (was the config changed?)")
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(optimizer_from_files(load_file(str(path / "optimizer.safetensors")),
+                                                       meta["optimizer"]))
+        scheduler.load_state_dict(meta["scheduler"])
+        if ema is not None and (path / "ema.safetensors").is_file():
+            saved = load_file(str(path / "ema.safetensors"))
+            for i, tensor in enumerate(ema):
+                tensor.copy_(saved[str(i)])
+        set_rng_state(load_file(str(path / "rng.safetensors")), meta["rng"])
+        return int(meta["step"])
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError, SafetensorError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"the training checkpoint {path} is damaged or of another model ({first}); "
+                              f"delete it or pass --resume none") from None

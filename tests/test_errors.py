@@ -1,0 +1,170 @@
+"""Bad input gets one line and exit 2; nothing is lost when two runs or a kill collide."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dalle.checkpoint import CheckpointError, atomic_directory, read_model_meta
+from dalle.cli import main
+
+from .conftest import TINY
+
+ROOT = Path(__file__).parent.parent
+
+
+def write_bad_files(tmp: Path, model: Path) -> dict[str, str]:
+    """The files the probes point at: a non-UTF-8 YAML, a garbage PNG, broken model copies..."""
+    (tmp / "afile").write_text("x")
+    (tmp / "adir").mkdir()
+    (tmp / "latin1.yaml").write_bytes("run_dir: caf\xe9\n".encode("latin-1"))
+    (tmp / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\nnot a png at all")
+    listed = tmp / "listed"
+    subprocess.run(["cp", "-r", str(model), str(listed)], check=True)
+    (listed / "transformer" / "config.json").write_text("[1, 2]")
+    nan = tmp / "nan"
+    subprocess.run(["cp", "-r", str(model), str(nan)], check=True)
+    weights = load_file(str(nan / "dvae" / "model.safetensors"))
+    name = next(iter(weights))
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, str(nan / "dvae" / "model.safetensors"))
+    images = tmp / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes((ROOT / "docs" / "attention_masks.png").read_bytes())
+    (images / ".dalle-index").symlink_to(tmp / "adir")
+    return {"tmp": str(tmp), "model": str(model), "listed": str(listed), "nan": str(nan), "images": str(images)}
+
+
+GEN = ["generate", "--model", "{model}", "--prompt", "a red circle", "--out", "{tmp}/out"]
+TRAIN = ["train-vae", "--config", str(TINY), "--run-dir", "{tmp}/run"]
+PROBES = {
+    "out is a file": ["generate", "--model", "{model}", "--prompt", "a", "--out", "{tmp}/afile"],
+    "temperature nan": [*GEN, "--temperature", "nan"],
+    "cond-scale inf": [*GEN, "--cond-scale", "inf"],
+    "cond-scale nan": [*GEN, "--cond-scale", "nan"],
+    "cond-scale negative": [*GEN, "--cond-scale", "-5"],
+    "top-p zero": [*GEN, "--top-p", "0"],
+    "a billion candidates": [*GEN, "--candidates", "1000000000"],
+    "seed past 64 bits": [*GEN, "--seed", "18446744073709551616"],
+    "negative batch size": [*GEN, "--batch-size", "-1"],
+    "prompts file is a folder": ["generate", "--model", "{model}", "--prompts-file", "{tmp}/adir", "--out", "{tmp}/o"],
+    "garbage prime image": [*GEN, "--prime-image", "{tmp}/garbage.png", "--prime-rows", "2"],
+    "config.json is a list": ["generate", "--model", "{listed}", "--prompt", "a", "--out", "{tmp}/o"],
+    "NaN weights": ["generate", "--model", "{nan}", "--prompt", "a", "--out", "{tmp}/o"],
+    "heads 0": [*TRAIN, "--set", "transformer.heads=0"],
+    "patch size 0": [*TRAIN, "--set", "clip.patch_size=0"],
+    "dvae hidden 3": [*TRAIN, "--set", "dvae.hidden=3"],
+    "log_every 0": [*TRAIN, "--set", "train.dvae.log_every=0"],
+    "broken --set value": [*TRAIN, "--set", "train.dvae.lr=[1,"],
+    "infinite lr": [*TRAIN, "--set", "train.dvae.lr=.inf"],
+    "NaN lr": [*TRAIN, "--set", "train.dvae.lr=.nan"],
+    "non-UTF-8 YAML": ["train-vae", "--config", "{tmp}/latin1.yaml"],
+    "negative vocabulary": ["train-tokenizer", "--out", "{tmp}/t.json", "--vocab-size", "-5"],
+    "zero columns": ["data", "show", "--out", "{tmp}/s.png", "--columns", "0"],
+    "search index through a symlink": ["search", "--model", "{model}", "--images", "{images}", "--query", "a"],
+    "classify without labels": ["classify", "--model", "{model}", "--labels", "{images}/a.png"],
+    "eval of unknown data": ["eval", "--model", "{model}", "--out", "{tmp}/e", "--data", "emoji"],
+    "not a number": [*GEN, "--candidates", "many"],
+    "unknown flag": [*GEN, "--colour", "red"],
+}
+
+
+@pytest.fixture(scope="module")
+def bad_files(tiny_pipeline, tmp_path_factory):
+    return write_bad_files(tmp_path_factory.mktemp("bad"), tiny_pipeline)
+
+
+@pytest.mark.parametrize("name", sorted(PROBES))
+def test_bad_input_gets_one_line_and_exit_2(name, bad_files, capsys):
+    argv = [part.format(**bad_files) for part in PROBES[name]]
+    assert main(argv) == 2, name
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dalle: error:"), err
+
+
+def test_nothing_is_written_when_the_arguments_are_wrong(tiny_pipeline, tmp_path):
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(tiny_pipeline), "--prompt", "a", "--candidates", "2",
+                 "--out", str(out)]) == 0
+    before = (out / "samples.jsonl").read_bytes()
+    assert main(["generate", "--model", str(tiny_pipeline), "--prompt", "b", "--temperature", "nan",
+                 "--out", str(out)]) == 2
+    assert (out / "samples.jsonl").read_bytes() == before
+
+
+def test_a_picture_name_without_suffix_is_written_as_png(tiny_pipeline, tmp_path):
+    picture = tmp_path / "pic.png"
+    assert main(["data", "export", "--n", "1", "--out", str(tmp_path / "d")]) == 0
+    assert main(["reconstruct", "--model", str(tiny_pipeline), "--out", str(tmp_path / "recon"),
+                 str(tmp_path / "d" / "00000.png")]) == 0
+    assert (tmp_path / "recon").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not picture.exists()
+
+
+def test_resume_with_another_model_size_is_one_line(tmp_path, capsys):
+    run = ["train-vae", "--config", str(TINY), "--run-dir", str(tmp_path), "--set", "train.dvae.steps=2"]
+    assert main(run) == 0
+    capsys.readouterr()
+    assert main([*run, "--set", "dvae.hidden=16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was the config changed?" in err[0], err
+    state = sorted((tmp_path / "train-state" / "dvae").glob("step-*"))[-1]
+    (state / "model.safetensors").write_bytes(b"")  # a zero-byte weights file
+    assert main([*run, "--set", "train.dvae.steps=4"]) == 2
+    assert "damaged or of another model" in capsys.readouterr().err
+
+
+def test_a_second_generate_into_the_same_out_is_refused(tiny_pipeline, tmp_path, capsys):
+    out = tmp_path / "out"
+    slow = [sys.executable, "-m", "dalle", "generate", "--model", str(tiny_pipeline), "--candidates", "8",
+            "--prompt", *[f"a red circle {i}" for i in range(40)], "--out", str(out)]
+    first = subprocess.Popen(slow, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lock = out / ".dalle-lock"
+    for _ in range(600):  # until the first holds the lock
+        if lock.is_file() and lock.read_text().strip():
+            break
+        time.sleep(0.05)
+    second = main(["generate", "--model", str(tiny_pipeline), "--prompt", "a blue square", "--out", str(out)])
+    stdout, stderr = first.communicate(timeout=300)
+    assert second == 2 and capsys.readouterr().err.strip() == f"dalle: error: {out} is in use by process {first.pid}"
+    assert first.returncode == 0, stderr
+    lines = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [line["prompt"] for line in lines] == [f"a red circle {i}" for i in range(40)]
+    assert all((out / line["image"]).is_file() for line in lines)
+
+
+KILL_BETWEEN_RENAMES = """
+import os, sys
+from pathlib import Path
+from dalle.checkpoint import atomic_directory
+calls = []
+real = os.replace
+def replace(a, b):
+    calls.append(a)
+    if len(calls) == 2:  # the old copy is moved aside, the new one not yet in place
+        os._exit(9)
+    return real(a, b)
+os.replace = replace
+with atomic_directory(Path(sys.argv[1])) as tmp:
+    (tmp / "config.json").write_text('{"kind": "new"}')
+"""
+
+
+def test_a_kill_between_the_two_renames_loses_nothing(tmp_path):
+    model = tmp_path / "transformer"
+    with atomic_directory(model) as tmp:
+        (tmp / "config.json").write_text('{"kind": "old"}')
+    killed = subprocess.run([sys.executable, "-c", KILL_BETWEEN_RENAMES, str(model)], cwd=ROOT)
+    assert killed.returncode == 9 and not model.exists()
+    assert any(p.name.startswith(".transformer.old-") for p in tmp_path.iterdir())
+    with pytest.raises(CheckpointError, match="holds a 'old' model"):  # the next open restores the old copy
+        read_model_meta(model, "transformer")
+    assert json.loads((model / "config.json").read_text()) == {"kind": "old"}
+    assert [p.name for p in tmp_path.iterdir()] == ["transformer"]  # the dead run's copies are cleaned
