@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -27,6 +28,7 @@ from dalle.errors import DalleError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # sharded weights: which shard holds each tensor
 FORMAT_VERSION = 1
 
 
@@ -44,9 +46,6 @@ def fsync_directory(path: Path) -> None:
             os.close(fd)
 
 
-LOCK_FILE = ".dalle-lock"
-
-
 class InUseError(DalleError):
     """Another process is writing the same output or run directory."""
 
@@ -56,28 +55,35 @@ def lock_directory(directory: str | Path) -> Iterator[Path]:
     """Holds an advisory lock on `directory` (created if missing) while the block runs.
 
     A second writer (another `dalle` process) gets a one-line "in use by process N" error
-    instead of mixing its files with the first one's. The lock ends with the process, so a
-    killed run never leaves a stale lock behind.
+    instead of mixing its files with the first one's. The lock is taken on the directory
+    itself (flock on its descriptor), so no file is left in it, and it ends with the
+    process: a killed run never leaves a stale lock behind.
     """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise DalleError(f"{directory} is a file, not a directory")
     directory.mkdir(parents=True, exist_ok=True)
-    handle = open(directory / LOCK_FILE, "a+", encoding="utf-8")
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().strip() or "?"
-            raise InUseError(f"{directory} is in use by process {owner}") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+            raise InUseError(f"{directory} is in use by process {_lock_holder(descriptor)}") from None
         yield directory
     finally:
-        handle.close()
+        os.close(descriptor)
+
+
+def _lock_holder(descriptor: int) -> str:
+    """The PID holding a flock on this file, read from /proc/locks (Linux); '?' elsewhere."""
+    stat = os.fstat(descriptor)
+    inode = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode and fields[4].isdigit():
+                return fields[4]
+    return "?"
 
 
 def _alive(pid: int) -> bool:
@@ -164,7 +170,8 @@ def state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_model(model: torch.nn.Module, config: Any, directory: str | Path, kind: str,
-               extra: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
+               extra: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None,
+               max_shard_size: int | str | None = None) -> Path:
     """Saves `model` and its config dataclass as a model directory.
 
     Args:
@@ -175,12 +182,14 @@ def save_model(model: torch.nn.Module, config: Any, directory: str | Path, kind:
         extra: more JSON-able facts to keep beside the config (metrics, tokenizer name).
         state: the weights to write instead of `model.state_dict()` (e.g. the consolidated
             state of a sharded FSDP model).
+        max_shard_size: above this size (bytes or "5GB"), the weights are split into
+            `model-0000i-of-0000n.safetensors` shards with an index (Hugging Face's layout).
     """
     meta = {"kind": kind, "format_version": FORMAT_VERSION, "config": to_dict(config), **(extra or {})}
     with atomic_directory(directory) as temporary:
         tensors = state_for_saving(model) if state is None else {
             name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in state.items()}
-        save_file(tensors, str(temporary / WEIGHTS_FILE), metadata={"kind": kind})
+        write_weights(tensors, temporary, kind, max_shard_size)
         (temporary / CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return Path(directory)
 
@@ -225,21 +234,53 @@ def load_model(directory: str | Path, kind: str, config_class: type, build) -> t
     except ConfigError as error:
         raise CheckpointError(str(error)) from None
     model = build(config)
-    weights_path = directory / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}")
-    try:
-        state = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{weights_path} is not a readable safetensors file: {error}") from None
+    state = read_weights(directory)
     check_state_matches(model, state, str(directory))
     bad = next((name for name, tensor in state.items() if tensor.is_floating_point() and
                 not torch.isfinite(tensor).all()), None)
     if bad is not None:
-        raise CheckpointError(f"{weights_path}: weight '{bad}' holds NaN or infinite values")
+        raise CheckpointError(f"{directory}: weight '{bad}' holds NaN or infinite values")
     model.load_state_dict(state)
     model.eval()
     return model, config
+
+
+def write_weights(tensors: dict[str, torch.Tensor], directory: Path, kind: str,
+                  max_shard_size: int | str | None = None) -> None:
+    """model.safetensors, or shards and their index when the weights exceed `max_shard_size`."""
+    if max_shard_size is None:
+        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"kind": kind})
+        return
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({name: tensors[name] for name in names}, str(directory / filename), metadata={"kind": kind})
+    if split.is_sharded:
+        index = {"metadata": {**split.metadata, "kind": kind}, "weight_map": split.tensor_to_filename}
+        (directory / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The weights of a model directory: model.safetensors, or the shards its index names."""
+    single, index_path = directory / WEIGHTS_FILE, directory / WEIGHTS_INDEX
+    if single.is_file():
+        files = [single]
+    elif index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+            files = [directory / name for name in sorted(set(weight_map.values()))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise CheckpointError(f"{index_path} is not a readable shard index: {error}") from None
+        if any(Path(name).name != name for name in weight_map.values()):
+            raise CheckpointError(f"{index_path} names a shard outside its directory")
+    else:
+        raise CheckpointError(f"{directory} has no {WEIGHTS_FILE} (nor {WEIGHTS_INDEX})")
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            state.update(load_file(str(path)))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
+    return state
 
 
 def check_state_matches(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:

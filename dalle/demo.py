@@ -15,6 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
+from dalle.checkpoint import lock_directory
 from dalle.config import load_config
 from dalle.errors import DalleError
 from dalle.evaluation.evaluate import evaluate_prompts, prompt_sets
@@ -50,9 +51,14 @@ def _log_series(run_dir: Path, stage: str, key: str = "loss") -> list[tuple[floa
 
 def run_demo(out: str | Path = "runs/demo", config_path: str | Path = "configs/demo.yaml", fresh: bool = False,
              overrides: list[str] | None = None, candidates: int = 8, eval_prompts: int = 10,
-             progress: bool = True) -> Path:
+             progress: bool = True, device: str = "auto", dtype: str = "auto") -> Path:
     """Trains (or reuses) every stage, samples DEMO_PROMPTS, writes grid.png and report.html."""
-    out = Path(out)
+    with lock_directory(out):
+        return _run_demo(Path(out), config_path, fresh, overrides, candidates, eval_prompts, progress, device, dtype)
+
+
+def _run_demo(out: Path, config_path: str | Path, fresh: bool, overrides: list[str] | None, candidates: int,
+              eval_prompts: int, progress: bool, device: str, dtype: str) -> Path:
     model_dir = out / "model"
     config = load_config(config_path, [*(overrides or []), f"run_dir={model_dir}"])
     if config.data.source != "shapes":
@@ -82,7 +88,7 @@ def run_demo(out: str | Path = "runs/demo", config_path: str | Path = "configs/d
           lambda: stages.train_transformer(config, resume="auto", progress=progress))
 
     started = time.perf_counter()
-    pipeline = load_pipeline(model_dir)
+    pipeline = load_pipeline(model_dir, device=device, dtype=dtype)
     results = pipeline(DEMO_PROMPTS, candidates=candidates, keep=candidates, seed=0)
     grid = labelled_grid([[s.image for s in samples] for samples in results],
                          [[f"#{s.rank} {s.clip_score:.1f}" for s in samples] for samples in results],

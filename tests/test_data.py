@@ -33,13 +33,18 @@ def test_folder_round_trip_and_broken_files_are_skipped_and_counted(tmp_path):
     sub = tmp_path / "nested"
     sub.mkdir()
     export_folder([shapes.render("train", 0, 99, 32)], sub)
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "gone.png")
+    (tmp_path / "dangling.txt").write_text("a green circle")
+    (tmp_path / "folder.png").mkdir()  # a directory named like a picture
+    (tmp_path / "folder.txt").write_text("a green circle")
     source = open_source(f"folder:{tmp_path}", DataConfig(size=32))
     got = list(source)
     assert len(got) == 37  # every good pair, the nested one too
     assert source.skipped["broken image"] == 3
     assert source.skipped["missing caption"] == 1
     assert source.skipped["unusable caption"] == 1
-    assert "5 skipped" in source.summary()
+    assert source.skipped["unreadable file"] == 2
+    assert "7 skipped" in source.summary()
     by_caption = {c for _, c in got}
     assert {c for _, c in pairs} <= by_caption
     assert got[0][0].tobytes() == pairs[0][0].tobytes()  # PNG round trip is lossless
@@ -88,9 +93,12 @@ def test_hf_imagefolder_with_metadata(tmp_path):
         for i, (image, caption) in enumerate(pairs):
             image.save(train / f"{i}.png")
             handle.write(json.dumps({"file_name": f"{i}.png", "text": caption}) + "\n")
+        (train / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage, not a picture")
+        handle.write(json.dumps({"file_name": "garbage.png", "text": "a red circle"}) + "\n")
     source = open_source(f"hf:{tmp_path}", DataConfig(size=32))
     got = list(source)
     assert sorted(c for _, c in got) == sorted(c for _, c in pairs)
+    assert source.skipped["broken image"] == 1
     streaming = open_source(f"hf:{tmp_path}", DataConfig(size=32, streaming=True))
     assert len(list(streaming)) == 6
 

@@ -268,6 +268,10 @@ class HuggingFaceSource(Source):
                 self.dataset = datasets.load_dataset(name, split=config.split, streaming=config.streaming)
         except (FileNotFoundError, ValueError, ConnectionError) as error:
             raise DataError(f"cannot open hf:{name}: {str(error).splitlines()[0]}") from None
+        features = getattr(self.dataset, "features", None) or {}
+        if isinstance(features.get(config.image_column), datasets.Image):
+            # Undecoded: `datasets` would raise on a broken picture mid-epoch; decode_image skips it.
+            self.dataset = self.dataset.cast_column(config.image_column, datasets.Image(decode=False))
         self.rng = random.Random(config.seed)
         # A streaming `datasets` dataset hands each data-loader worker its own shards itself.
         self.splits_workers = config.streaming
@@ -280,8 +284,14 @@ class HuggingFaceSource(Source):
         if image_column not in row or text_column not in row:
             raise DataError(f"hf: rows have columns {sorted(row)}; set data.image_column / data.text_column")
         image, text = row[image_column], row[text_column]
-        if isinstance(image, dict) and image.get("bytes"):
-            image = decode_image(image["bytes"])
+        if isinstance(image, dict):  # an undecoded picture: its bytes, or the path of its file
+            data = image.get("bytes")
+            if not data and image.get("path"):
+                try:
+                    data = Path(image["path"]).read_bytes()
+                except OSError:
+                    data = None
+            image = decode_image(data) if data else None
         if not isinstance(image, Image.Image):
             self.skip("broken image")
             return None

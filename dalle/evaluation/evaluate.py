@@ -89,7 +89,7 @@ def dvae_psnr(pipeline: Pipeline, n: int = 200) -> float:
 
 def evaluate_pipeline(model: str | Path, out: str | Path, candidates: int = 16, prompts_per_set: int = 50,
                       seed: int = 0, progress: bool = True, data: str = "shapes", clip: str | None = None,
-                      **sampling) -> dict:
+                      device: str = "auto", dtype: str = "auto", **sampling) -> dict:
     """Runs every prompt set on a pipeline directory; writes out/metrics.json and out/report.html.
 
     Args:
@@ -104,7 +104,7 @@ def evaluate_pipeline(model: str | Path, out: str | Path, candidates: int = 16, 
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    pipeline = load_pipeline(model, clip=clip)
+    pipeline = load_pipeline(model, clip=clip, device=device, dtype=dtype)
     settings = {**to_dict(pipeline.sampling), **sampling}  # what was used: the model's defaults, then overrides
     if data == "digits":
         metrics = {"digits": evaluate_digits(pipeline, out, candidates, max(1, prompts_per_set // 10), seed,

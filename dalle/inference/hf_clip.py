@@ -66,7 +66,8 @@ class HFCLIPScorer:
 
     @torch.inference_mode()
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
-        inputs = self.processor.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
+        texts = [str(t).encode("utf-8", "replace").decode("utf-8") for t in texts]  # lone surrogates -> U+FFFD
+        inputs = self.processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
         inputs = {name: value.to(self.device) for name, value in inputs.items()}
         features = _features(self.model.get_text_features(**inputs))  # (n, D)
         return F.normalize(features.float(), dim=-1).cpu()

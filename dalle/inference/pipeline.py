@@ -9,6 +9,7 @@ that the stages fit together before anything runs. This module imports no traini
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,10 @@ from dalle.checkpoint import CheckpointError, write_json_atomic
 from dalle.config import ConfigError, SamplingConfig, check_sampling, from_dict, to_dict
 from dalle.errors import DalleError
 from dalle.images import pil_to_tensor, tensor_to_pil
+from dalle.inference.devices import resolve_device, resolve_dtype
+from dalle.inference.editing import read_picture, region_to_codes
 from dalle.inference.hf_clip import HFCLIPScorer
+from dalle.inference.hub import SAMPLING_FILE, push_pipeline, remove, save_pipeline, snapshot_of, staging_directory
 from dalle.inference.sampling import sample_image_codes
 from dalle.inference.scoring import CLIPScorer, Scorer, rerank
 from dalle.models.clip import load_clip
@@ -32,7 +36,6 @@ HF_PREFIX = "hf:"  # --clip hf:NAME_OR_DIR: a Hugging Face CLIP
 MAX_CANDIDATES = 10_000  # pictures sampled per prompt, at most
 MAX_PROMPT_CHARS = 1_000
 MAX_SEED = 2**63 - 1
-SAMPLING_FILE = "sampling.json"  # the pipeline's default sampling settings (a SamplingConfig)
 
 
 @dataclass
@@ -45,8 +48,34 @@ class Sample:
     candidate: int  # its index in sampling order
 
 
+@dataclass
+class Frame:
+    """What `Pipeline.stream` yields: the candidates as far as they are sampled, then the ranked result."""
+
+    images: list[Image.Image]  # one per candidate, in sampling order; rows not yet sampled are blank
+    rows: int  # grid rows sampled so far
+    samples: list[Sample] | None = None  # the ranked kept pictures, on the last frame only
+
+
+@dataclass
+class Settings:
+    """The sampling settings of one call, with the pipeline's defaults filled in."""
+
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    cond_scale: float
+
+
 class Pipeline:
-    """Tokenizer + transformer + dVAE (+ CLIP): call it with prompts to get ranked pictures."""
+    """Tokenizer + transformer + dVAE (+ CLIP): call it with prompts to get ranked pictures.
+
+    Example:
+        >>> import dalle
+        >>> pipe = dalle.load_pipeline("runs/demo/model", device="auto", dtype="auto")
+        >>> [samples] = pipe(["a red circle"], candidates=16, keep=4, seed=0)
+        >>> samples[0].image.save("best.png")
+    """
 
     def __init__(self, tokenizer: Tokenizer, transformer: DalleTransformer, dvae: DVAE, scorer: Scorer | None,
                  directory: Path | None = None, sampling: SamplingConfig | None = None):
@@ -54,23 +83,65 @@ class Pipeline:
         self.tokenizer, self.transformer, self.dvae, self.scorer = tokenizer, transformer, dvae, scorer
         self.directory = directory
         self.sampling = sampling or SamplingConfig()  # what a call uses for the options it leaves out
+        self.compile = False  # decode with the compiled static step (`load_pipeline(compile=True)`)
 
     @property
     def image_size(self) -> int:
         return self.dvae.config.image_size
 
+    @property
+    def grid(self) -> int:
+        return self.dvae.config.grid_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.text_emb.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.text_emb.weight.dtype
+
+    def to(self, device: str | torch.device = "auto", dtype: str | torch.dtype | None = "auto") -> Pipeline:
+        """Moves the pipeline; the transformer runs in `dtype`, the dVAE and the CLIP stay in float32.
+
+        The dVAE decoder stays in float32 because its last layers turn logits into pixels,
+        where half precision bands smooth gradients; it runs once per picture, so it costs
+        little. The CLIP stays in float32 so that its scores do not depend on the dtype.
+        """
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        self.transformer.to(device=device, dtype=dtype)
+        self.dvae.to(device)
+        if isinstance(self.scorer, CLIPScorer | HFCLIPScorer):
+            self.scorer.model.to(device)
+            self.scorer.device = device
+        return self
+
+    def encode_image(self, image: Image.Image | str | Path, what: str = "picture") -> torch.Tensor:
+        """A picture's codes: (1, N) in raster order."""
+        if not isinstance(image, Image.Image):
+            image = read_picture(image, what)
+        pixels = pil_to_tensor(image, self.image_size)[None].to(self.device)  # (1, 3, S, S)
+        return encode(self.dvae, pixels).flatten(1)  # (1, N)
+
     def encode_prime(self, image: Image.Image | str | Path, rows: int) -> torch.Tensor:
         """The first `rows` grid rows of an image's codes, for priming: (1, rows * grid)."""
-        if not isinstance(image, Image.Image):
-            try:
-                image = Image.open(image).convert("RGB")
-            except (OSError, ValueError) as error:
-                raise DalleError(f"cannot read the priming image {image}: {error}") from None
-        grid = self.dvae.config.grid_size
-        if not 0 < rows < grid:
-            raise DalleError(f"prime rows must be between 1 and {grid - 1}, got {rows}")
-        pixels = pil_to_tensor(image, self.image_size)[None]  # (1, 3, S, S)
-        return encode(self.dvae, pixels).flatten(1)[:, : rows * grid]  # (1, rows * grid)
+        if not 0 < rows < self.grid:
+            raise DalleError(f"prime rows must be between 1 and {self.grid - 1}, got {rows}")
+        return self.encode_image(image, "priming image")[:, : rows * self.grid]  # (1, rows * grid)
+
+    def settings(self, temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 cond_scale: float | None = None) -> Settings:
+        """The given sampling settings, checked, with the pipeline's defaults (sampling.json) for the rest."""
+        try:
+            check_sampling(temperature, top_k, top_p, cond_scale)
+        except ConfigError as error:
+            raise DalleError(f"sampling: {error}") from None
+        defaults = self.sampling
+        return Settings(defaults.temperature if temperature is None else temperature,
+                        (defaults.top_k if top_k is None else top_k) or None,  # 0: off
+                        defaults.top_p if top_p is None else top_p,
+                        defaults.cond_scale if cond_scale is None else cond_scale)
 
     def __call__(self, prompts: list[str] | str, *, candidates: int = 8, keep: int = 1, seed: int = 0,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
@@ -99,36 +170,146 @@ class Pipeline:
         if isinstance(prompts, str):
             prompts = [prompts]
         check_request(prompts, candidates, keep, seed)
-        try:
-            check_sampling(temperature, top_k, top_p, cond_scale)
-        except ConfigError as error:
-            raise DalleError(f"sampling: {error}") from None
-        if rerank_with_clip and self.scorer is None:
-            raise DalleError("this pipeline has no CLIP to rerank with: use --rerank none or --clip hf:NAME")
-        defaults = self.sampling
-        temperature = defaults.temperature if temperature is None else temperature
-        top_k = (defaults.top_k if top_k is None else top_k) or None  # 0: off
-        top_p = defaults.top_p if top_p is None else top_p
-        cond_scale = defaults.cond_scale if cond_scale is None else cond_scale
-        prime = self.encode_prime(prime_image, prime_rows) if prime_image is not None else None
+        settings = self.settings(temperature, top_k, top_p, cond_scale)
+        self._check_rerank(rerank_with_clip)
+        kept = None
+        if prime_image is not None:
+            kept = self.encode_prime(prime_image, prime_rows)  # (1, k)
+            kept = (torch.nn.functional.pad(kept, (0, self.grid**2 - kept.shape[1])), self._first(kept.shape[1]))
         results = []
         for index, prompt in enumerate(prompts):
-            text = self.tokenizer.encode([prompt])  # (1, L)
-            codes = sample_image_codes(self.transformer, text, num_candidates=candidates, temperature=temperature,
-                                       top_k=top_k, top_p=top_p, cond_scale=cond_scale, prime=prime,
-                                       seed=seed + index, batch_size=batch_size)  # (candidates, N)
-            grid = self.dvae.config.grid_size
-            with torch.inference_mode():
-                pixels = decode(self.dvae, codes.view(-1, grid, grid))  # (candidates, 3, S, S)
-            order, scores = list(range(candidates)), None
-            if self.scorer is not None:  # scores are reported even when the order is kept
-                ranked, scores = rerank(self.scorer, prompt, pixels)
-                scores = scores.tolist()
-                if rerank_with_clip:
-                    order = ranked.tolist()
-            results.append([Sample(tensor_to_pil(pixels[i]), rank + 1, scores[i] if scores else None, i)
-                            for rank, i in enumerate(order[:keep])])
+            codes = self._sample(prompt, candidates, seed + index, settings, kept, batch_size=batch_size)
+            results.append(self._rank(prompt, self._decode(codes), keep, rerank_with_clip))
         return results
+
+    def edit(self, image: Image.Image | str | Path, mask: Image.Image | str | Path | tuple[int, int, int, int],
+             prompt: str, *, candidates: int = 8, keep: int = 1, seed: int = 0, temperature: float | None = None,
+             top_k: int | None = None, top_p: float | None = None, cond_scale: float | None = None,
+             rerank_with_clip: bool = True, batch_size: int | None = None) -> list[Sample]:
+        """Redraws a region of a picture for a prompt; the codes outside the region are kept exactly.
+
+        Args:
+            image: the picture (resized to the model's size).
+            mask: the region, as a box (x0, y0, x1, y1) in the picture's pixels, or a mask
+                picture of the same size (white: redraw). A code is redrawn when any pixel
+                of its cell is in the region. Outpainting is a region on a border.
+            prompt: the caption of the whole edited picture.
+            Other arguments as `__call__`.
+
+        Returns:
+            `keep` Samples, best first by CLIP on the whole picture.
+        """
+        check_request([prompt], candidates, keep, seed)
+        settings = self.settings(temperature, top_k, top_p, cond_scale)
+        self._check_rerank(rerank_with_clip)
+        picture = image if isinstance(image, Image.Image) else read_picture(image, "picture to edit")
+        redraw = region_to_codes(mask, picture.size, self.image_size, self.grid)  # (N,) bool
+        codes = self.encode_image(picture)  # (1, N)
+        codes = self._sample(prompt, candidates, seed, settings, (codes, ~redraw.to(self.device)), batch_size)
+        return self._rank(prompt, self._decode(codes), keep, rerank_with_clip)
+
+    def stream(self, prompt: str, *, candidates: int = 8, keep: int = 1, seed: int = 0, every_rows: int = 1,
+               temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+               cond_scale: float | None = None, rerank_with_clip: bool = True,
+               batch_size: int | None = None) -> Iterator[Frame]:
+        """`__call__` for one prompt, yielding the candidates as they form, every `every_rows` grid rows.
+
+        Yields a `Frame` after each `every_rows` rows (and after the last row): the
+        candidates decoded from the codes sampled so far, the rows below blank. The last
+        frame also holds the ranked `samples`; its pictures are those `__call__` returns
+        for the same arguments (the random numbers are drawn per position, up front).
+        """
+        check_request([prompt], candidates, keep, seed)
+        if not 1 <= every_rows <= self.grid:
+            raise DalleError(f"every_rows must be in [1, {self.grid}], got {every_rows}")
+        settings = self.settings(temperature, top_k, top_p, cond_scale)
+        self._check_rerank(rerank_with_clip)
+        grid, codes, done = self.grid, None, 0
+        for rows in range(every_rows, grid + every_rows, every_rows):
+            rows = min(rows, grid)
+            if codes is None:
+                codes = self._sample(prompt, candidates, seed, settings, None, batch_size, stop=rows * grid)
+            else:
+                codes = self._continue(prompt, codes, done, seed, settings, batch_size, stop=rows * grid)
+            done = rows * grid
+            pixels = self._decode(codes)  # (C, 3, S, S)
+            if rows < grid:
+                pixels[:, :, rows * self.image_size // grid:] = 1.0  # not sampled yet: blank
+                yield Frame([tensor_to_pil(p) for p in pixels], rows)
+            else:
+                yield Frame([tensor_to_pil(p) for p in pixels], rows,
+                            self._rank(prompt, pixels, keep, rerank_with_clip))
+            if rows == grid:
+                return
+
+    # ----------------------------------------------------------------------------- the Hub
+
+    def save_pretrained(self, directory: str | Path, max_shard_size: int | str = "2GB",
+                        metrics: dict[str, Any] | None = None, grid: Image.Image | None = None) -> Path:
+        """Writes the pipeline as a directory `load_pipeline` reads, with a model card (README.md).
+
+        Weights above `max_shard_size` are split into safetensors shards with an index;
+        `metrics` (from `dalle eval`) and a `grid` of samples go into the card."""
+        clip_model = self.scorer.model if isinstance(self.scorer, CLIPScorer) else None
+        return save_pipeline(directory, self.tokenizer, self.transformer, self.dvae, clip_model, self.sampling,
+                             self.directory, max_shard_size, metrics, grid)
+
+    def push_to_hub(self, repo: str, private: bool = False, token: str | None = None,
+                    max_shard_size: int | str = "2GB", **card) -> str:
+        """Uploads the pipeline to the Hub repository `repo` (USER/NAME); returns the repository URL."""
+        staging = staging_directory()
+        try:
+            self.save_pretrained(staging / "pipeline", max_shard_size, **card)
+            return push_pipeline(staging / "pipeline", repo, private, token)
+        finally:
+            remove(staging)
+
+    # ----------------------------------------------------------------------------- the steps of a call
+
+    def _first(self, k: int) -> torch.Tensor:
+        return torch.arange(self.grid**2, device=self.device) < k  # (N,)
+
+    def _check_rerank(self, rerank_with_clip: bool) -> None:
+        if rerank_with_clip and self.scorer is None:
+            raise DalleError("this pipeline has no CLIP to rerank with: use --rerank none or --clip hf:NAME")
+
+    def _sample(self, prompt: str, candidates: int, seed: int, settings: Settings,
+                kept: tuple[torch.Tensor, torch.Tensor] | None, batch_size: int | None = None,
+                stop: int | None = None) -> torch.Tensor:
+        """(candidates, N) codes; `kept` = ((1, N) codes, (N,) mask of the positions that keep them)."""
+        text = self.tokenizer.encode([prompt])  # (1, L)
+        keep_codes, keep_mask = (None, None) if kept is None else kept
+        return sample_image_codes(self.transformer, text, num_candidates=candidates, temperature=settings.temperature,
+                                  top_k=settings.top_k, top_p=settings.top_p, cond_scale=settings.cond_scale,
+                                  seed=seed, batch_size=batch_size, keep=keep_codes, keep_mask=keep_mask, stop=stop,
+                                  compile_step=self.compile)
+
+    def _continue(self, prompt: str, codes: torch.Tensor, done: int, seed: int, settings: Settings,
+                  batch_size: int | None, stop: int) -> torch.Tensor:
+        """Samples positions `done .. stop - 1` of every candidate in `codes` (C, N), as one call would have.
+
+        One caption row per candidate with `num_candidates=1` is the same stream of rows,
+        and so of random numbers, as one caption with `num_candidates=C`."""
+        text = self.tokenizer.encode([prompt]).expand(len(codes), -1).contiguous()  # (C, L)
+        return sample_image_codes(self.transformer, text, num_candidates=1, temperature=settings.temperature,
+                                  top_k=settings.top_k, top_p=settings.top_p, cond_scale=settings.cond_scale,
+                                  seed=seed, batch_size=batch_size, keep=codes, keep_mask=self._first(done),
+                                  stop=stop, compile_step=self.compile)
+
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """(C, N) codes -> (C, 3, S, S) pixels in [0, 1], through the float32 dVAE decoder."""
+        with torch.inference_mode():
+            return decode(self.dvae, codes.view(-1, self.grid, self.grid)).float()
+
+    def _rank(self, prompt: str, pixels: torch.Tensor, keep: int, rerank_with_clip: bool) -> list[Sample]:
+        order, scores = list(range(len(pixels))), None
+        if self.scorer is not None:  # scores are reported even when the order is kept
+            ranked, scores = rerank(self.scorer, prompt, pixels)
+            scores = scores.tolist()
+            if rerank_with_clip:
+                order = ranked.tolist()
+        return [Sample(tensor_to_pil(pixels[i]), rank + 1, scores[i] if scores else None, i)
+                for rank, i in enumerate(order[:keep])]
 
 
 def check_request(prompts: list[str], candidates: int, keep: int, seed: int) -> None:
@@ -165,15 +346,22 @@ def check_fit(tokenizer: Tokenizer, transformer: DalleTransformer, dvae: DVAE, s
                                   f"its tokenizer gives {clip_tokenizer.text_len} from {clip_tokenizer.total_vocab}")
 
 
-def load_pipeline(directory: str | Path, clip: str | None = None, device: str | torch.device = "cpu") -> Pipeline:
-    """Loads a pipeline directory.
+def load_pipeline(directory: str | Path, clip: str | None = None, device: str | torch.device = "auto",
+                  dtype: str | torch.dtype | None = "auto", compile: bool = False) -> Pipeline:
+    """Loads a pipeline directory, or `hf:USER/REPO` from the Hugging Face Hub (or its local cache).
 
     Args:
         directory: holds tokenizer.json, dvae/, transformer/ and optionally clip/.
         clip: another CLIP to rerank with: `hf:NAME_OR_DIR` or a CLIP model directory.
-        device: where the models run.
+        device: auto (CUDA when there is a GPU), cpu, cuda or cuda:N.
+        dtype: the transformer's precision: auto (bf16 on a GPU, float32 on the CPU),
+            float32, bfloat16 or float16 (see `Pipeline.to`).
+        compile: decode with the static-shape step under `torch.compile` (CUDA graphs on a
+            GPU); the first call per batch size compiles.
     """
-    directory = Path(directory)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    directory = snapshot_of(directory) if str(directory).startswith(HF_PREFIX) else Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"pipeline directory not found: {directory}")
     for part in (TOKENIZER_FILE, "dvae", "transformer"):
@@ -185,7 +373,9 @@ def load_pipeline(directory: str | Path, clip: str | None = None, device: str | 
     scorer = None
     if clip is not None or (directory / "clip").is_dir():
         scorer = load_scorer_for(directory, clip, device=device)
-    return Pipeline(tokenizer, transformer, dvae, scorer, directory, read_sampling_defaults(directory))
+    pipeline = Pipeline(tokenizer, transformer, dvae, scorer, directory, read_sampling_defaults(directory))
+    pipeline.compile = compile
+    return pipeline.to(device, dtype)
 
 
 def write_sampling_defaults(directory: str | Path, sampling: SamplingConfig) -> Path:

@@ -108,7 +108,8 @@ def sample_image_codes(model: DalleTransformer, text: Tensor, *, num_candidates:
                        temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                        cond_scale: float = 1.0, prime: Tensor | None = None, seed: int | None = None,
                        use_cache: bool = True, batch_size: int | None = None,
-                       return_logits: bool = False, compile_step: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                       return_logits: bool = False, compile_step: bool = False, keep: Tensor | None = None,
+                       keep_mask: Tensor | None = None, stop: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Samples image codes for captions.
 
     Args:
@@ -132,6 +133,14 @@ def sample_image_codes(model: DalleTransformer, text: Tensor, *, num_candidates:
         compile_step: decode with the static-shape step under `torch.compile` (CUDA graphs
             on CUDA). The first call per batch size compiles (seconds to a minute); the
             tokens are those of the eager cache up to float rounding.
+        keep, keep_mask: editing. `keep` (B, N) image codes and `keep_mask` (N,) bool: the
+            positions where the mask is True keep their code; the others are sampled in
+            raster order, each conditioned on the caption and every code before it.
+            `prime` is the special case of the first k positions.
+        stop: sample positions before `stop` only (the others stay as kept, or 0); with
+            the same seed, continuing from the result gives the tokens of one whole run
+            (the random numbers are drawn per position up front), which is how
+            `Pipeline.stream` shows a picture forming.
 
     Returns:
         (B * num_candidates, N) int64 codes, N = grid**2; with `return_logits`, (codes, logits).
@@ -144,9 +153,12 @@ def sample_image_codes(model: DalleTransformer, text: Tensor, *, num_candidates:
     rows_text = text.to(device, torch.long).repeat_interleave(num_candidates, dim=0)  # (R, L)
     rows = rows_text.shape[0]
     n_image = model.image_len
-    rows_prime = None
-    if prime is not None:
-        rows_prime = prime.to(device, torch.long).repeat_interleave(num_candidates, dim=0)  # (R, k)
+    keep, keep_mask = _kept_codes(model, text, prime, keep, keep_mask)  # (B, N), (N,)
+    rows_keep = None if keep is None else keep.to(device).repeat_interleave(num_candidates, dim=0)  # (R, N)
+    keep_mask = None if keep_mask is None else keep_mask.to(device)
+    stop = n_image if stop is None else stop
+    if not 0 <= stop <= n_image:
+        raise DalleError(f"stop must be in [0, {n_image}], got {stop}")
 
     generator = None
     if seed is not None:
@@ -166,26 +178,51 @@ def sample_image_codes(model: DalleTransformer, text: Tensor, *, num_candidates:
             for begin in range(0, rows, chunk):
                 end = min(begin + chunk, rows)
                 codes[begin:end] = _decode(
-                    model, rows_text[begin:end], None if rows_prime is None else rows_prime[begin:end],
+                    model, rows_text[begin:end], None if rows_keep is None else rows_keep[begin:end], keep_mask,
                     uniforms[begin:end], temperature, top_k, top_p, cond_scale, use_cache,
-                    None if logits_out is None else logits_out[begin:end], compile_step)
+                    None if logits_out is None else logits_out[begin:end], compile_step, stop)
     finally:
         model.train(was_training)
     return (codes, logits_out) if return_logits else codes
 
 
-def _decode(model: DalleTransformer, text: Tensor, prime: Tensor | None, uniforms: Tensor,
-            temperature: float, top_k: int | None, top_p: float | None, cond_scale: float,
-            use_cache: bool, logits_out: Tensor | None, compile_step: bool = False) -> Tensor:
+def _kept_codes(model: DalleTransformer, text: Tensor, prime: Tensor | None, keep: Tensor | None,
+                keep_mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """(B, N) codes and the (N,) mask of the positions that keep them (priming is the top rows)."""
+    n_image = model.image_len
+    if prime is not None:
+        if keep is not None:
+            raise DalleError("give prime or keep (an edit), not both")
+        keep = torch.zeros(prime.shape[0], n_image, dtype=torch.long, device=prime.device)
+        keep[:, : prime.shape[1]] = prime
+        keep_mask = torch.arange(n_image, device=prime.device) < prime.shape[1]
+    if (keep is None) != (keep_mask is None):
+        raise DalleError("an edit needs both keep (the codes) and keep_mask (where they stay)")
+    if keep is None:
+        return None, None
+    if keep.dim() != 2 or keep.shape != (text.shape[0], n_image) or keep.dtype.is_floating_point:
+        raise DalleError(f"keep must be ({text.shape[0]}, {n_image}) integer codes, got {tuple(keep.shape)}")
+    if keep_mask.shape != (n_image,) or keep_mask.dtype != torch.bool:
+        raise DalleError(f"keep_mask must be ({n_image},) booleans, got {tuple(keep_mask.shape)} {keep_mask.dtype}")
+    if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= model.config.image_vocab):
+        raise DalleError(f"kept codes must be in [0, {model.config.image_vocab})")
+    return keep.long(), keep_mask
+
+
+def _decode(model: DalleTransformer, text: Tensor, keep: Tensor | None, keep_mask: Tensor | None,
+            uniforms: Tensor, temperature: float, top_k: int | None, top_p: float | None, cond_scale: float,
+            use_cache: bool, logits_out: Tensor | None, compile_step: bool = False, stop: int | None = None) -> Tensor:
     """The decode loop for one batch of rows; returns (r, N) codes."""
     rows = text.shape[0]
     n_image = model.image_len
+    stop = n_image if stop is None else stop
     guided = cond_scale != 1.0
-    codes = torch.empty(rows, n_image, dtype=torch.long, device=text.device)
-    start = 0 if prime is None else prime.shape[1]
-    if start:
-        codes[:, :start] = prime
-    if start == n_image:
+    codes = torch.zeros(rows, n_image, dtype=torch.long, device=text.device)
+    kept = [False] * n_image if keep_mask is None else keep_mask.tolist()
+    if keep is not None:
+        codes[:, keep_mask] = keep[:, keep_mask]
+    start = next((i for i, k in enumerate(kept) if not k), n_image)  # the kept prefix goes in one prefill
+    if start >= stop:
         return codes
     if guided:  # [conditional rows; unconditional rows] in one batch
         text = torch.cat([text, empty_captions(rows, model.config.text_vocab, model.text_len, text.device)])
@@ -197,17 +234,20 @@ def _decode(model: DalleTransformer, text: Tensor, prime: Tensor | None, uniform
     else:
         cache = model.new_cache(text.shape[0]) if use_cache else None
     logits = model.prefill(text, twin(codes[:, :start]), cache) if use_cache else None  # (r or 2r, Vi)
-    for index in range(start, n_image):
-        if not use_cache:
-            logits = model.prefill(text, twin(codes[:, :index]))  # the whole stream again
-        step_logits = guide(logits, cond_scale) if guided else logits  # (r, Vi)
-        if logits_out is not None:
-            logits_out[:, index] = step_logits.float()
-        tokens = choose_tokens(step_logits, uniforms[:, index], temperature, top_k, top_p)  # (r,)
-        codes[:, index] = tokens
-        if static is not None and index + 1 < n_image:
+    for index in range(start, stop):
+        if kept[index]:  # an edit keeps this code: it is read, not sampled
+            tokens = codes[:, index]
+        else:
+            if not use_cache:
+                logits = model.prefill(text, twin(codes[:, :index]))  # the whole stream again
+            step_logits = guide(logits, cond_scale) if guided else logits  # (r, Vi)
+            if logits_out is not None:
+                logits_out[:, index] = step_logits.float()
+            tokens = choose_tokens(step_logits, uniforms[:, index], temperature, top_k, top_p)  # (r,)
+            codes[:, index] = tokens
+        if static is not None and index + 1 < stop:
             logits = static(twin(tokens), index)
-        elif use_cache and index + 1 < n_image:
+        elif use_cache and index + 1 < stop:
             logits = model.decode_step(twin(tokens), index, cache)
     return codes
 

@@ -26,6 +26,7 @@ On disk, under the run directory:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -44,8 +45,8 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
-from dalle.checkpoint import atomic_directory, save_model, write_json_atomic
-from dalle.config import TrainConfig
+from dalle.checkpoint import atomic_directory, lock_directory, save_model, write_json_atomic
+from dalle.config import TrainConfig, to_dict
 from dalle.errors import DalleError
 from dalle.training.batches import shard
 from dalle.training.state import checkpoints, load_training_state, save_training_state
@@ -150,6 +151,18 @@ def fit(model: torch.nn.Module, batches, step_fn: Callable, config: TrainConfig,
         stop_after: stop (with a checkpoint) after this many steps in this call; for tests.
     """
     run = _prepare(model, config, Path(run_dir), stage)
+    with contextlib.ExitStack() as hold:
+        if run.accelerator.is_main_process:  # a second trainer of this stage and run is told, not mixed in
+            hold.enter_context(lock_directory(run.state_dir))
+        return _train(run, batches, step_fn, resume, save_fn, items_per_batch, on_log, progress, stop_after,
+                      Path(run_dir))
+
+
+def _train(run: Run, batches, step_fn: Callable, resume: str | None, save_fn: Callable | None,
+           items_per_batch: Callable | None, on_log: Callable | None, progress: bool, stop_after: int | None,
+           run_dir: Path) -> FitResult:
+    """`fit` once the run is prepared and locked: resume, the steps, the log, checkpoints, the end."""
+    config, stage = run.config, run.stage
     state = TrainState()
     state.step = state.start = _resume(run, resume)
     bar = tqdm(total=config.steps, initial=state.start, desc=stage, dynamic_ncols=True,
@@ -178,7 +191,7 @@ def fit(model: torch.nn.Module, batches, step_fn: Callable, config: TrainConfig,
     if run.trackers:
         run.accelerator.end_training()
     if not stopped_early:
-        _finish(run, state, save_fn, Path(run_dir) / stage)
+        _finish(run, state, save_fn, run_dir / stage)
     return FitResult(state.step, state.last_loss, time.perf_counter() - state.started, state.skipped_steps,
                      stopped_early, state.history)
 
@@ -227,6 +240,7 @@ def _resume(run: Run, resume: str | None) -> int:
     if not found:
         return 0
     path = found[-1][1]
+    _check_settings(run, path)
     if run.fsdp:
         run.accelerator.load_state(str(path / "accelerate"))
         step = int(json.loads((path / "state.json").read_text(encoding="utf-8"))["step"])
@@ -235,6 +249,35 @@ def _resume(run: Run, resume: str | None) -> int:
     _cut_log(run, step)
     log.info("[%s] resumed from %s at step %d", run.stage, path, step)
     return step
+
+
+# Settings that may change between a run and its resumption (how long and how it is logged).
+RESUMABLE_CHANGES = {"steps", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints", "num_workers"}
+
+
+def _settings(run: Run) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues: the stage's training and model settings."""
+    train = {k: v for k, v in to_dict(run.config).items() if k not in RESUMABLE_CHANGES}
+    model_config = getattr(run.raw_model, "config", None)
+    return {"train": train, "model": to_dict(model_config) if dataclasses.is_dataclass(model_config) else None}
+
+
+def _check_settings(run: Run, path: Path) -> None:
+    """Refuses to resume a checkpoint trained with other settings (naming the first that differs)."""
+    try:
+        saved = json.loads((path / "state.json").read_text(encoding="utf-8")).get("settings")
+    except (OSError, ValueError, AttributeError):
+        return  # a damaged state.json is reported by the loader
+    if not isinstance(saved, dict):
+        return  # written before settings were recorded
+    now = json.loads(json.dumps(_settings(run)))  # as JSON stores it (tuples become lists)
+    for part in ("train", "model"):
+        for key in sorted(set(saved.get(part) or {}) | set(now.get(part) or {})):
+            old, new = (saved.get(part) or {}).get(key), (now.get(part) or {}).get(key)
+            if old != new:
+                where = f"train.{run.stage}.{key}" if part == "train" else f"{run.stage}.{key}"
+                raise TrainingError(f"{run.state_dir} was trained with {where} = {old!r}, now {new!r}: "
+                                    f"use another --run-dir, or --resume none to start over")
 
 
 def _cut_log(run: Run, step: int) -> None:
@@ -342,7 +385,7 @@ def _checkpoint(run: Run, step: int, with_ema: bool = True) -> None:
         _save_fsdp_state(run, step)
         return
     save_training_state(run.state_dir, step, run.raw_model, run.optimizer, run.scheduler,
-                        run.ema if with_ema else None, run.config.keep_checkpoints, run.accelerator)
+                        run.ema if with_ema else None, run.config.keep_checkpoints, run.accelerator, _settings(run))
 
 
 def _save_fsdp_state(run: Run, step: int) -> None:
@@ -356,7 +399,7 @@ def _save_fsdp_state(run: Run, step: int) -> None:
     accelerator.save_state(str(staging / "accelerate"), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json_atomic(staging / "state.json", {"step": step, "fsdp": True})
+        write_json_atomic(staging / "state.json", {"step": step, "fsdp": True, "settings": _settings(run)})
         with atomic_directory(target) as tmp:
             shutil.rmtree(tmp)
             staging.rename(tmp)

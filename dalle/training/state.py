@@ -94,8 +94,11 @@ def checkpoints(state_dir: Path) -> list[tuple[int, Path]]:
 
 
 
-def save_training_state(state_dir: Path, step: int, model, optimizer, scheduler, ema, keep: int, accelerator) -> None:
-    """Writes train-state/STAGE/step-N atomically and keeps the newest `keep`."""
+def save_training_state(state_dir: Path, step: int, model, optimizer, scheduler, ema, keep: int, accelerator,
+                        settings: dict[str, Any] | None = None) -> None:
+    """Writes train-state/STAGE/step-N atomically and keeps the newest `keep`.
+
+    `settings` (what the run was trained with) goes into state.json, for resume to compare."""
     if not accelerator.is_main_process:
         return
     with atomic_directory(state_dir / f"step-{step:08d}") as tmp:
@@ -108,7 +111,7 @@ def save_training_state(state_dir: Path, step: int, model, optimizer, scheduler,
         rng_tensors, rng_meta = rng_state()
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         write_json_atomic(tmp / "state.json", {"step": step, "optimizer": opt_meta, "rng": rng_meta,
-                                               "scheduler": scheduler.state_dict()})
+                                               "scheduler": scheduler.state_dict(), "settings": settings})
     for _, old in checkpoints(state_dir)[:-max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
 
