@@ -152,6 +152,37 @@ def test_priming_keeps_the_prime(use_cache):
     assert torch.equal(sample_image_codes(model, text, prime=full), full)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_an_edit_keeps_every_code_outside_the_region(use_cache):
+    model = peaked_model(["paper"], depth=4)
+    text = captions()
+    keep = torch.randint(0, 16, (2, 16), generator=torch.Generator().manual_seed(5))
+    region = torch.zeros(4, 4, dtype=torch.bool)
+    region[1:3, 2:4] = True  # a box in the middle of the right side: codes before and after it are kept
+    keep_mask = ~region.flatten()
+    codes = sample_image_codes(model, text, keep=keep, keep_mask=keep_mask, num_candidates=3, seed=1,
+                               use_cache=use_cache, cond_scale=2.0)
+    rows = keep.repeat_interleave(3, dim=0)
+    assert torch.equal(codes[:, keep_mask], rows[:, keep_mask])
+    assert not torch.equal(codes[:, ~keep_mask], rows[:, ~keep_mask])  # the peaked model redraws the region
+    assert torch.equal(codes, sample_image_codes(model, text, keep=keep, keep_mask=keep_mask, num_candidates=3,
+                                                 seed=1, use_cache=not use_cache, cond_scale=2.0))
+    top_rows = torch.arange(16) < 6  # priming is the edit that keeps the first positions
+    assert torch.equal(sample_image_codes(model, text, keep=keep, keep_mask=top_rows, num_candidates=2, seed=4),
+                       sample_image_codes(model, text, prime=keep[:, :6], num_candidates=2, seed=4))
+
+
+def test_stopping_and_continuing_gives_the_whole_run():
+    model = peaked_model(["paper"], depth=4)
+    text = captions(batch=1)
+    whole = sample_image_codes(model, text, num_candidates=3, seed=7, cond_scale=2.0)
+    part = sample_image_codes(model, text, num_candidates=3, seed=7, cond_scale=2.0, stop=8)
+    assert torch.equal(part[:, :8], whole[:, :8]) and not part[:, 8:].any()
+    rest = sample_image_codes(model, text.expand(3, -1), num_candidates=1, seed=7, cond_scale=2.0, keep=part,
+                              keep_mask=torch.arange(16) < 8)
+    assert torch.equal(rest, whole)
+
+
 def test_nothing_is_changed_in_place():
     model = peaked_model(["paper"], depth=4).train()
     text = captions()

@@ -46,6 +46,7 @@ class Sample:
     rank: int  # 1-based: 1 is CLIP's favourite (or the first sampled, without reranking)
     clip_score: float | None
     candidate: int  # its index in sampling order
+    codes: torch.Tensor | None = None  # (N,) its image codes, raster order (to edit it again, say)
 
 
 @dataclass
@@ -179,7 +180,7 @@ class Pipeline:
         results = []
         for index, prompt in enumerate(prompts):
             codes = self._sample(prompt, candidates, seed + index, settings, kept, batch_size=batch_size)
-            results.append(self._rank(prompt, self._decode(codes), keep, rerank_with_clip))
+            results.append(self._rank(prompt, self._decode(codes), keep, rerank_with_clip, codes))
         return results
 
     def edit(self, image: Image.Image | str | Path, mask: Image.Image | str | Path | tuple[int, int, int, int],
@@ -206,7 +207,7 @@ class Pipeline:
         redraw = region_to_codes(mask, picture.size, self.image_size, self.grid)  # (N,) bool
         codes = self.encode_image(picture)  # (1, N)
         codes = self._sample(prompt, candidates, seed, settings, (codes, ~redraw.to(self.device)), batch_size)
-        return self._rank(prompt, self._decode(codes), keep, rerank_with_clip)
+        return self._rank(prompt, self._decode(codes), keep, rerank_with_clip, codes)
 
     def stream(self, prompt: str, *, candidates: int = 8, keep: int = 1, seed: int = 0, every_rows: int = 1,
                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
@@ -234,11 +235,12 @@ class Pipeline:
             done = rows * grid
             pixels = self._decode(codes)  # (C, 3, S, S)
             if rows < grid:
+                pixels = pixels.clone()
                 pixels[:, :, rows * self.image_size // grid:] = 1.0  # not sampled yet: blank
                 yield Frame([tensor_to_pil(p) for p in pixels], rows)
             else:
                 yield Frame([tensor_to_pil(p) for p in pixels], rows,
-                            self._rank(prompt, pixels, keep, rerank_with_clip))
+                            self._rank(prompt, pixels, keep, rerank_with_clip, codes))
             if rows == grid:
                 return
 
@@ -301,14 +303,15 @@ class Pipeline:
         with torch.inference_mode():
             return decode(self.dvae, codes.view(-1, self.grid, self.grid)).float()
 
-    def _rank(self, prompt: str, pixels: torch.Tensor, keep: int, rerank_with_clip: bool) -> list[Sample]:
+    def _rank(self, prompt: str, pixels: torch.Tensor, keep: int, rerank_with_clip: bool,
+              codes: torch.Tensor) -> list[Sample]:
         order, scores = list(range(len(pixels))), None
         if self.scorer is not None:  # scores are reported even when the order is kept
             ranked, scores = rerank(self.scorer, prompt, pixels)
             scores = scores.tolist()
             if rerank_with_clip:
                 order = ranked.tolist()
-        return [Sample(tensor_to_pil(pixels[i]), rank + 1, scores[i] if scores else None, i)
+        return [Sample(tensor_to_pil(pixels[i]), rank + 1, scores[i] if scores else None, i, codes[i].cpu())
                 for rank, i in enumerate(order[:keep])]
 
 
