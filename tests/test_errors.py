@@ -2,9 +2,11 @@
 
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -19,12 +21,22 @@ from .conftest import TINY
 ROOT = Path(__file__).parent.parent
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels: a signature, an IHDR chunk and IEND, no pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
 def write_bad_files(tmp: Path, model: Path) -> dict[str, str]:
     """The files the probes point at: a non-UTF-8 YAML, a garbage PNG, broken model copies..."""
     (tmp / "afile").write_text("x")
     (tmp / "adir").mkdir()
     (tmp / "latin1.yaml").write_bytes("run_dir: caf\xe9\n".encode("latin-1"))
     (tmp / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\nnot a png at all")
+    (tmp / "huge.png").write_bytes(png_header(20_000, 20_000))
     listed = tmp / "listed"
     subprocess.run(["cp", "-r", str(model), str(listed)], check=True)
     (listed / "transformer" / "config.json").write_text("[1, 2]")
@@ -55,6 +67,9 @@ PROBES = {
     "negative batch size": [*GEN, "--batch-size", "-1"],
     "prompts file is a folder": ["generate", "--model", "{model}", "--prompts-file", "{tmp}/adir", "--out", "{tmp}/o"],
     "garbage prime image": [*GEN, "--prime-image", "{tmp}/garbage.png", "--prime-rows", "2"],
+    "a 20000x20000 prime image": [*GEN, "--prime-image", "{tmp}/huge.png", "--prime-rows", "2"],
+    "a 20000x20000 picture to edit": ["edit", "--model", "{model}", "--image", "{tmp}/huge.png", "--box", "0,0,8,8",
+                                      "--prompt", "a", "--out", "{tmp}/e"],
     "config.json is a list": ["generate", "--model", "{listed}", "--prompt", "a", "--out", "{tmp}/o"],
     "NaN weights": ["generate", "--model", "{nan}", "--prompt", "a", "--out", "{tmp}/o"],
     "heads 0": [*TRAIN, "--set", "transformer.heads=0"],
@@ -168,3 +183,18 @@ def test_a_kill_between_the_two_renames_loses_nothing(tmp_path):
         read_model_meta(model, "transformer")
     assert json.loads((model / "config.json").read_text()) == {"kind": "old"}
     assert [p.name for p in tmp_path.iterdir()] == ["transformer"]  # the dead run's copies are cleaned
+
+
+def test_odd_text_and_a_corrupt_index_still_give_results(tiny_pipeline, tmp_path, capsys):
+    """Bytes that are not UTF-8 on the command line (lone surrogates) and a damaged search index."""
+    assert main(["generate", "--model", str(tiny_pipeline), "--prompt", "caf\udce9 circle", "--candidates", "1",
+                 "--out", str(tmp_path / "g")]) == 0
+    images = tmp_path / "images"
+    assert main(["data", "export", "--n", "3", "--out", str(images)]) == 0
+    assert main(["search", "--model", str(tiny_pipeline), "--images", str(images), "--query", "caf\udce9"]) == 0
+    (images / ".dalle-index" / "embeddings.safetensors").write_bytes(b"garbage")
+    capsys.readouterr()
+    assert main(["search", "--model", str(tiny_pipeline), "--images", str(images), "--query", "a red circle"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+    assert main(["classify", "--model", str(tiny_pipeline), "--labels", "caf\udce9", "a red circle",
+                 str(images / "00000.png")]) == 0
