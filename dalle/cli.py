@@ -26,6 +26,7 @@ from dalle.commands import (
     generate,
     reconstruct,
     search,
+    train_all,
     train_clip,
     train_tokenizer,
     train_transformer,
@@ -77,6 +78,15 @@ def _training_parsers(commands) -> None:
         sub.add_argument("--max-bad-fraction", type=float,
                          help="stop with a message when more of the data files than this are broken")
 
+    everything = commands.add_parser("train-all", help="train every stage not trained yet (resumable)")
+    everything.set_defaults(func=train_all)
+    everything.add_argument("--config", required=True, help="a YAML file in configs/")
+    everything.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                            help="override a config value, e.g. --set data.source=folder:DIR (repeatable)")
+    everything.add_argument("--run-dir", help="where the run writes (default: the config's run_dir)")
+    everything.add_argument("--max-bad-fraction", type=float,
+                            help="stop with a message when more of the data files than this are broken")
+
     convert = commands.add_parser("convert", help="import released weights")
     what = convert.add_subparsers(dest="convert_command", required=True, metavar="WHAT")
     openai = what.add_parser("openai-dvae", help="OpenAI's encoder.pkl + decoder.pkl")
@@ -84,6 +94,7 @@ def _training_parsers(commands) -> None:
     openai.add_argument("--encoder", required=True)
     openai.add_argument("--decoder", required=True)
     openai.add_argument("--out", required=True)
+    openai.add_argument("--image-size", type=int, default=256, help="the picture side it reads (OpenAI: 256)")
     openai.add_argument("--trust-pickle", action="store_true",
                         help="allow loading pickled modules (this runs code from the files)")
 

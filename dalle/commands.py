@@ -131,9 +131,24 @@ def train_transformer(config: str, overrides: list[str] | None = None, resume: s
     return summary
 
 
-def convert_openai(encoder: str, decoder: str, out: str, trust_pickle: bool = False) -> Path:
+def train_all(config: str, overrides: list[str] | None = None, run_dir: str | None = None,
+              max_bad_fraction: float | None = None) -> dict:
+    """Trains every stage of a config not yet trained in the run directory, in order, resumable;
+    measures what it trained (the dVAE; on shapes the CLIP) and prints one JSON summary."""
+    run = _config(config, overrides, run_dir, max_bad_fraction)
+    summary = stages.train_all(run)
+    if "dvae" in summary and not run.dvae.pretrained:
+        summary["dvae"].update(evaluate_dvae(run))
+    if "clip" in summary and run.data.source == "shapes":
+        summary["clip"].update(evaluate_clip_shapes(run))
+    print(json.dumps(summary))
+    return summary
+
+
+def convert_openai(encoder: str, decoder: str, out: str, trust_pickle: bool = False, image_size: int = 256) -> Path:
     """Converts OpenAI's released dVAE (encoder.pkl, decoder.pkl) into a model directory."""
-    path = Path(convert_openai_dvae(encoder, decoder, out, trust_pickle=trust_pickle))
+    _check_count("--image-size", image_size, 8, most=4096)
+    path = Path(convert_openai_dvae(encoder, decoder, out, trust_pickle=trust_pickle, image_size=image_size))
     print(path)
     return path
 

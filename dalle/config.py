@@ -97,6 +97,9 @@ class DVAEConfig:
     # the whole codebook across pictures, where the paper's per-cell KL to the uniform prior
     # only makes each cell unsure. 0 (the paper) leaves it out.
     usage_weight: float = 0.0
+    # A converted dVAE directory (`dalle convert openai-dvae`) to use instead of training one;
+    # its own config.json then sizes it, not the fields above.
+    pretrained: str = ""
 
     def __post_init__(self):
         _positive(self, "dvae", "image_size", "channels", "blocks_per_group", "groups", "decoder_init",

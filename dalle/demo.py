@@ -65,27 +65,10 @@ def _run_demo(out: Path, config_path: str | Path, fresh: bool, overrides: list[s
         raise DalleError("the demo trains on the built-in shapes data (data.source: shapes)")
     if fresh and model_dir.exists():
         shutil.rmtree(model_dir)
-    timings: dict[str, float] = {}
-
-    def stage(name: str, done: bool, work) -> None:
-        if done:
-            log.info("[demo] %s: already trained in %s, reused (--fresh retrains)", name, model_dir)
-            return
-        started = time.perf_counter()
-        work()
-        timings[name] = round(time.perf_counter() - started, 1)
-        log.info("[demo] %s: %s s", name, timings[name])
-
-    def train_dvae() -> None:  # train, then measure: the report shows the dVAE's figures
-        stages.train_dvae(config, resume="auto", progress=progress)
+    trained = stages.train_all(config, progress=progress, retrain_tokenizer=True)  # what is there is kept
+    timings: dict[str, float] = {stage: summary["seconds"] for stage, summary in trained.items()}
+    if "dvae" in trained:  # train, then measure: the report shows the dVAE's figures
         evaluate_dvae(config, progress=progress)
-
-    stage("tokenizer", (model_dir / "tokenizer.json").is_file(), lambda: stages.prepare_tokenizer(config, retrain=True))
-    stage("dvae", (model_dir / "dvae" / "config.json").is_file(), train_dvae)
-    stage("clip", (model_dir / "clip" / "config.json").is_file(),
-          lambda: stages.train_clip(config, resume="auto", progress=progress))
-    stage("transformer", (model_dir / "transformer" / "config.json").is_file(),
-          lambda: stages.train_transformer(config, resume="auto", progress=progress))
 
     started = time.perf_counter()
     pipeline = load_pipeline(model_dir, device=device, dtype=dtype)

@@ -7,14 +7,20 @@ package is a failure here, not a skip.
 
 from __future__ import annotations
 
+import json
+
 import dall_e
 import pytest
 import torch
 import torch.nn.functional as F
 
+import dalle
+from dalle.cli import main
 from dalle.errors import DalleError
 from dalle.models.convert import convert_openai_dvae
 from dalle.models.dvae import decode, encode, load_dvae, squeeze_pixels
+
+from .conftest import TINY
 
 ATOL = 1e-5
 
@@ -88,3 +94,23 @@ def test_convert_rejects_mismatched_or_missing_files(openai_files, tmp_path):
     # An encoder given as the decoder.
     with pytest.raises(DalleError, match="not a dall_e Decoder"):
         convert_openai_dvae(directory / "encoder.pkl", directory / "encoder.pkl", tmp_path / "out", trust_pickle=True)
+
+
+def test_train_all_uses_a_converted_openai_dvae(openai_files, tmp_path, capsys):
+    """`dvae.pretrained` puts the converted dVAE in the run and skips its training; the rest trains on it."""
+    _, _, directory = openai_files
+    converted = tmp_path / "openai-dvae"
+    assert main(["convert", "openai-dvae", "--encoder", str(directory / "encoder.pkl"), "--decoder",
+                 str(directory / "decoder.pkl"), "--out", str(converted), "--trust-pickle", "--image-size", "32"]) == 0
+    run = ["train-all", "--config", str(TINY), "--run-dir", str(tmp_path / "run"), "--set",
+           f"dvae.pretrained={converted}", "--set", "train.clip.steps=2", "--set", "train.transformer.steps=2"]
+    capsys.readouterr()
+    assert main(run) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["dvae"]["pretrained"] == str(converted)
+    assert set(summary) == {"tokenizer", "dvae", "clip", "transformer"}
+    assert not (tmp_path / "run" / "train-state" / "dvae").exists()  # not trained
+    pipeline = dalle.load_pipeline(tmp_path / "run", device="cpu")
+    assert pipeline.grid == 4 and pipeline.transformer.config.image_vocab == 512
+    assert main(run) == 0  # everything is there: nothing is trained again
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {}

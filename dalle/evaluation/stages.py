@@ -40,8 +40,8 @@ def evaluate_dvae(config: Config, n: int = 500, progress: bool = True) -> dict[s
             codes.append(batch_codes)
             recons.append(decode(model, batch_codes))
     codes, recons = torch.cat(codes), torch.cat(recons)
-    summary = {"psnr": psnr(originals, recons), **codebook_stats(codes, config.dvae.codebook_size),
-               "codebook_size": config.dvae.codebook_size, "grid": config.dvae.grid_size}
+    summary = {"psnr": psnr(originals, recons), **codebook_stats(codes, model.config.codebook_size),
+               "codebook_size": model.config.codebook_size, "grid": model.config.grid_size}
     recon_uint8 = to_uint8(recons)
     failures: list[int] = []
     if config.data.source == "shapes":

@@ -13,7 +13,9 @@ evaluate" (`dalle.evaluation.stages`).
 
 from __future__ import annotations
 
+import logging
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dalle.checkpoint import atomic_directory
 from dalle.config import Config
 from dalle.data import shapes
 from dalle.data.sources import open_source, take
@@ -35,6 +38,8 @@ from dalle.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, train_bpe
 from dalle.training.batches import MappedBatches, TableBatches, image_caption_batches
 from dalle.training.loop import FitResult, fit
 from dalle.training.preview import sample_preview
+
+log = logging.getLogger(__name__)
 
 
 def _summary(result: FitResult) -> dict[str, Any]:
@@ -64,6 +69,58 @@ def prepare_tokenizer(config: Config, retrain: bool = False) -> Tokenizer:
             captions = [caption for _, caption in pairs]
             train_bpe(captions, config.tokenizer.vocab_size).save(str(target))
     return load_tokenizer(target, config.tokenizer.text_len)
+
+
+# ----------------------------------------------------------------------------- every stage
+
+
+STAGES = ("tokenizer", "dvae", "clip", "transformer")
+
+
+def is_trained(config: Config, stage: str) -> bool:
+    """Whether the run directory already holds this stage's result."""
+    run_dir = Path(config.run_dir)
+    return (run_dir / TOKENIZER_FILE).is_file() if stage == "tokenizer" else (run_dir / stage / "config.json").is_file()
+
+
+def train_all(config: Config, progress: bool = True, retrain_tokenizer: bool = False) -> dict[str, dict[str, Any]]:
+    """Trains every stage of `config` that its run directory does not hold yet, in order; resumable.
+
+    The tokenizer is copied from `tokenizer.path` (trained on the captions when that file is
+    missing, or when `retrain_tokenizer`); the dVAE is copied from `dvae.pretrained` when set.
+    Returns, per stage trained now, its summary with `seconds`; stages already there are left
+    out. A killed run resumes each stage from its last checkpoint when called again.
+    """
+    done: dict[str, dict[str, Any]] = {}
+    work = {"tokenizer": lambda: prepare_tokenizer(config, retrain=retrain_tokenizer) and {},
+            "dvae": lambda: use_pretrained_dvae(config) if config.dvae.pretrained else train_dvae(config,
+                                                                                                progress=progress),
+            "clip": lambda: train_clip(config, progress=progress),
+            "transformer": lambda: train_transformer(config, progress=progress)}
+    for stage in STAGES:
+        if is_trained(config, stage):
+            log.info("[%s] already trained in %s, kept", stage, config.run_dir)
+            continue
+        started = time.perf_counter()
+        summary = dict(work[stage]() or {})
+        summary["seconds"] = round(time.perf_counter() - started, 1)
+        done[stage] = summary
+        log.info("[%s] %s s", stage, summary["seconds"])
+    return done
+
+
+def use_pretrained_dvae(config: Config) -> dict[str, Any]:
+    """Copies the converted dVAE of `dvae.pretrained` into the run as run_dir/dvae (checked first)."""
+    source = Path(config.dvae.pretrained)
+    dvae = load_dvae(source)  # a one-line error if it is not a dVAE directory
+    if dvae.config.image_size != config.data.size:
+        raise DalleError(f"the pretrained dVAE in {source} reads {dvae.config.image_size}-px pictures, "
+                         f"data.size is {config.data.size}")
+    with atomic_directory(Path(config.run_dir) / "dvae") as tmp:
+        for path in source.iterdir():
+            if path.is_file():
+                shutil.copyfile(path, tmp / path.name)
+    return {"pretrained": str(source), "grid": dvae.config.grid_size, "codebook_size": dvae.config.codebook_size}
 
 
 # ----------------------------------------------------------------------------- dVAE
