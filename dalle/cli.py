@@ -26,6 +26,7 @@ from dalle.commands import (
     generate,
     reconstruct,
     search,
+    serve,
     train_all,
     train_clip,
     train_tokenizer,
@@ -179,6 +180,16 @@ def _inference_parsers(commands) -> None:
     srch.add_argument("--strip", help="where to write the PNG strip of the hits")
     srch.add_argument("--index-dir", help="keep the embedding index here (default: IMAGES/.dalle-index)")
     _add_device_flags(srch)
+
+    srv = commands.add_parser("serve", help="a web page and a JSON API over a pipeline")
+    srv.set_defaults(func=serve)
+    srv.add_argument("--model", required=True, help="a pipeline directory (or hf:USER/REPO)")
+    srv.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
+    srv.add_argument("--port", type=int, default=7860)
+    srv.add_argument("--images", help="a folder of pictures for the Search tab")
+    srv.add_argument("--max-candidates", type=int, default=64, help="the most pictures one request may sample")
+    srv.add_argument("--queue", type=int, default=16, help="requests waiting or running, at most (then 429)")
+    _add_device_flags(srv)
 
 
 def _evaluation_parsers(commands) -> None:

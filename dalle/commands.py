@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import socket
 from pathlib import Path
 
 import torch
@@ -317,6 +319,37 @@ def search(model: str, images: str, query: str, k: int = 5, clip: str | None = N
                            row_titles=[query], label_lines=1), strip_path)
     log.info("dalle: strip of the hits: %s", strip_path)
     return hits
+
+
+def serve(model: str, host: str = "127.0.0.1", port: int = 7860, device: str = "auto", dtype: str = "auto",
+          images: str | None = None, max_candidates: int = 64, queue: int = 16) -> None:
+    """Serves the page and the JSON API of a pipeline until Ctrl-C or SIGTERM."""
+    try:  # lazy: fastapi and uvicorn are the optional extra dalle[serve]
+        import uvicorn
+
+        from dalle.serve.app import create_app
+    except ImportError:
+        raise DalleError("dalle serve needs fastapi and uvicorn: pip install 'dalle[serve]'") from None
+    _check_count("--port", port, 1, most=65535)
+    _check_count("--max-candidates", max_candidates, 1, most=MAX_CANDIDATES)
+    _check_count("--queue", queue, 1, most=10_000)
+    if images is not None and not Path(images).is_dir():
+        raise DalleError(f"picture folder not found: {images}")
+    with socket.socket() as probe:  # a port in use is a one-line error, not uvicorn's traceback
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise DalleError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    pipeline = load_pipeline(model, device=device, dtype=dtype)
+    name = Path(model).name if Path(model).name != "model" else f"{Path(model).resolve().parent.name}/model"
+    app = create_app(pipeline, name, images, max_candidates, queue)
+    print(f"http://{host}:{port}/", flush=True)
+    # uvicorn finishes the requests in flight on SIGINT/SIGTERM, then raises the signal again
+    # to the handler it found: a quiet one, so the command ends with status 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+    log.info("dalle serve: stopped")
 
 
 # ----------------------------------------------------------------------------- evaluation and the demo

@@ -25,7 +25,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     if "${PIP[@]}" uv >/dev/null 2>&1 && [ -x .venv/bin/uv ]; then
         INSTALL=(.venv/bin/uv pip install -q --python .venv/bin/python)
     fi
-    "${INSTALL[@]}" -e ".[dev,digits,hf]"
+    "${INSTALL[@]}" -e ".[dev,digits,hf,serve]"
     # OpenAI's dVAE package, for the parity test only: its own requirements pull a CUDA
     # torchvision, so it goes in without dependencies.
     "${INSTALL[@]}" --no-deps dall-e==0.1

@@ -22,7 +22,7 @@ FLOORS = {
 }
 # Third-party packages a floor must never import (the inference path stays light).
 FORBIDDEN = {"models": {"accelerate", "datasets"}, "inference": {"accelerate", "datasets"},
-             "tokenizer": {"accelerate", "datasets"}}
+             "tokenizer": {"accelerate", "datasets"}, "serve": {"accelerate", "datasets"}}
 
 
 def modules(package: Path = PACKAGE) -> dict[str, Path]:
