@@ -22,6 +22,7 @@ import binascii
 import contextlib
 import io
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,15 @@ class SearchRequest(BaseModel):
 class ClassifyRequest(BaseModel):
     image_base64: str
     labels: list[str]
+
+
+def resident_mb() -> float | None:
+    """This process's resident memory in MB (Linux /proc; None elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
 
 
 def png_base64(image: Image.Image) -> str:
@@ -201,7 +211,7 @@ def _routes(app: FastAPI, server: Server) -> None:
                 "queue": server.worker.queue_length(), "max_queue": server.worker.size,
                 "max_candidates": server.max_candidates, "image_size": pipeline.image_size,
                 "sampling": pipeline.sampling.__dict__, "search": server.images is not None,
-                "clip": pipeline.scorer is not None}
+                "clip": pipeline.scorer is not None, "pid": os.getpid(), "memory_mb": resident_mb()}
 
     @app.post("/api/generate")
     async def generate(body: Sampling, request: Request) -> dict[str, Any]:
