@@ -19,6 +19,7 @@ from dalle.commands import (
     classify,
     convert_openai,
     data_export,
+    data_fetch,
     data_show,
     demo,
     edit,
@@ -53,6 +54,15 @@ def _data_parsers(commands) -> None:
         sub.add_argument("--out", required=True)
         if name == "show":
             sub.add_argument("--columns", type=int, default=8)
+
+    fetch = actions.add_parser("fetch", help="build a named dataset from its public source")
+    fetch.set_defaults(func=data_fetch)
+    fetch.add_argument("name", choices=["emoji"], help="emoji: Google's and Twitter's emoji (../shared/EMOJI.md)")
+    fetch.add_argument("--out", required=True, help="writes OUT/train, OUT/test and OUT/split.json")
+    fetch.add_argument("--size", type=int, default=32, help="the picture side (the sources are 64 px)")
+    fetch.add_argument("--seed", type=int, default=0, help="the held-out split's seed")
+    fetch.add_argument("--cache", help="where the npm tarballs are kept (default ~/.cache/dalle/emoji)")
+    fetch.add_argument("--tarballs", help="a folder that already holds the two tarballs (no download)")
 
     tok = commands.add_parser("train-tokenizer", help="train the caption BPE on a data source")
     tok.set_defaults(func=train_tokenizer)

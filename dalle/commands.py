@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from dalle.checkpoint import lock_directory
 from dalle.config import Config, ConfigError, DataConfig, check_sampling, load_config
+from dalle.data.emoji import build_emoji
 from dalle.data.sources import export_folder, open_source, take
 from dalle.demo import run_demo
 from dalle.errors import DalleError
@@ -68,6 +69,16 @@ def data_show(data: str, split: str, n: int, size: int, seed: int, out: str, col
     path = save_png(caption_grid(take(open_source(data, config, n=n), n), columns=columns), out)
     print(path)
     return path
+
+
+def data_fetch(name: str, out: str, size: int = 32, seed: int = 0, cache: str | None = None,
+               tarballs: str | None = None) -> Path:
+    """Builds a named dataset from its public source (emoji: ../shared/EMOJI.md) as train/, test/, split.json."""
+    _check_count("--size", size, 8, most=64)
+    summary = build_emoji(out, size=size, seed=seed, cache=cache, tarballs=tarballs)  # OUT replaced atomically
+    print(f"wrote {summary['train']} training and {summary['test']} held-out pairs to {out} "
+          f"({len(summary['held_out']['style'])} style, {len(summary['held_out']['tone'])} tone)")
+    return Path(out)
 
 
 def train_tokenizer(data: str, out: str, vocab_size: int = 512, n: int = 20000, size: int = 32, seed: int = 0,
