@@ -210,8 +210,13 @@ def _evaluation_parsers(commands) -> None:
     ev.add_argument("--candidates", type=int, default=16)
     ev.add_argument("--prompts", type=int, default=50, help="prompts per set")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--data", default="shapes", choices=["shapes", "digits"], help="what the model was trained on")
-    ev.add_argument("--clip", help="rerank with another CLIP: hf:NAME_OR_DIR or a CLIP model directory")
+    ev.add_argument("--data", default="shapes",
+                    help="shapes | digits (judged by the project's readers) | folder:DIR (real pictures with captions)")
+    ev.add_argument("--n", type=int, help="folder: a seeded sample of N captions (default: all)")
+    ev.add_argument("--train-data", help="folder: the training folder, also searched for the nearest real picture "
+                                         "(default: DIR/../train when DIR/../split.json exists)")
+    ev.add_argument("--clip", help="shapes/digits: rerank with another CLIP (hf:NAME_OR_DIR or a CLIP directory); "
+                                   "folder: hf:NAME adds its CLIP score")
     _add_sampling_flags(ev)
     _add_device_flags(ev)
 

@@ -23,6 +23,7 @@ from dalle.data.sources import export_folder, open_source, take
 from dalle.demo import run_demo
 from dalle.errors import DalleError
 from dalle.evaluation.evaluate import evaluate_pipeline
+from dalle.evaluation.folder import evaluate_folder
 from dalle.evaluation.stages import evaluate_clip_shapes, evaluate_dvae
 from dalle.images import IMAGE_SUFFIXES, read_images, tensor_to_pil
 from dalle.inference.devices import resolve_device, resolve_dtype
@@ -369,13 +370,13 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 7860, device: str = "
 def evaluate(model: str, out: str, candidates: int = 16, prompts: int = 50, seed: int = 0, data: str = "shapes",
              clip: str | None = None, temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, cond_scale: float | None = None, device: str = "auto",
-             dtype: str = "auto") -> dict:
+             dtype: str = "auto", n: int | None = None, train_data: str | None = None) -> dict:
     """Measures a shapes (or digits) pipeline with the project's picture reader; writes metrics and a report.
 
     `prompts` is the number of prompts per set; the sampling flags that are given override
     the model's sampling.json."""
-    if data not in ("shapes", "digits"):
-        raise DalleError(f"eval knows the shapes and digits data, not {data!r}")
+    if data not in ("shapes", "digits") and not data.startswith("folder:"):
+        raise DalleError(f"eval knows shapes, digits and folder:DIR (real pictures with captions), not {data!r}")
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "cond_scale": cond_scale}
     _check_count("--candidates", candidates, 1, most=MAX_CANDIDATES)
     _check_count("--prompts", prompts, 1, most=100_000)
@@ -383,6 +384,18 @@ def evaluate(model: str, out: str, candidates: int = 16, prompts: int = 50, seed
         check_sampling(**sampling)
     except ConfigError as error:
         raise DalleError(f"sampling: {error}") from None
+    if data.startswith("folder:"):
+        if n is not None:
+            _check_count("--n", n, 1, most=1_000_000)
+        pipeline = load_pipeline(model, clip=None if (clip or "").startswith("hf:") else clip, device=device,
+                                 dtype=dtype)
+        with lock_directory(out):
+            metrics = evaluate_folder(pipeline, data.removeprefix("folder:"), out, candidates=candidates, n=n,
+                                      seed=seed, train_dir=train_data.removeprefix("folder:") if train_data else None,
+                                      hf_clip=clip if (clip or "").startswith("hf:") else None,
+                                      **{key: value for key, value in sampling.items() if value is not None})
+        print(json.dumps({k: metrics[k] for k in metrics if k not in ("sampling",)}))
+        return metrics
     with lock_directory(out):
         metrics = evaluate_pipeline(model, out, candidates=candidates, prompts_per_set=prompts, seed=seed, data=data,
                                     clip=clip, device=device, dtype=dtype,
