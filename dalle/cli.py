@@ -25,6 +25,7 @@ from dalle.commands import (
     edit,
     evaluate,
     generate,
+    imagine,
     reconstruct,
     search,
     serve,
@@ -125,6 +126,26 @@ def _add_device_flags(parser: argparse.ArgumentParser) -> None:
                         help="the transformer's precision (auto: bf16 on a GPU, float32 on the CPU)")
 
 
+def _edit_parser(commands) -> None:
+    ed = commands.add_parser("edit", help="redraw a region of a picture for a prompt")
+    ed.set_defaults(func=edit)
+    ed.add_argument("--model", required=True, help="a pipeline directory (or hf:USER/REPO)")
+    ed.add_argument("--image", required=True, help="the picture to edit")
+    region = ed.add_mutually_exclusive_group(required=True)
+    region.add_argument("--box", help="x0,y0,x1,y1 in the picture's pixels (x1, y1 excluded)")
+    region.add_argument("--mask", help="a picture of the same size, white where to redraw")
+    ed.add_argument("--prompt", required=True, help="the caption of the whole edited picture")
+    ed.add_argument("--candidates", type=int, default=8)
+    ed.add_argument("--keep", type=int, default=1)
+    ed.add_argument("--seed", type=int, default=0)
+    ed.add_argument("--out", required=True)
+    ed.add_argument("--rerank", choices=["clip", "none"], default="clip")
+    ed.add_argument("--clip", help="rerank with another CLIP: hf:NAME_OR_DIR or a CLIP directory")
+    _add_sampling_flags(ed)
+    ed.add_argument("--batch-size", type=int)
+    _add_device_flags(ed)
+
+
 def _inference_parsers(commands) -> None:
     rec = commands.add_parser("reconstruct", help="encode + decode pictures with a dVAE")
     rec.set_defaults(func=reconstruct)
@@ -154,23 +175,7 @@ def _inference_parsers(commands) -> None:
     gen.add_argument("--every-rows", type=int, default=1, help="grid rows per frame of --frames")
     _add_device_flags(gen)
 
-    ed = commands.add_parser("edit", help="redraw a region of a picture for a prompt")
-    ed.set_defaults(func=edit)
-    ed.add_argument("--model", required=True, help="a pipeline directory (or hf:USER/REPO)")
-    ed.add_argument("--image", required=True, help="the picture to edit")
-    region = ed.add_mutually_exclusive_group(required=True)
-    region.add_argument("--box", help="x0,y0,x1,y1 in the picture's pixels (x1, y1 excluded)")
-    region.add_argument("--mask", help="a picture of the same size, white where to redraw")
-    ed.add_argument("--prompt", required=True, help="the caption of the whole edited picture")
-    ed.add_argument("--candidates", type=int, default=8)
-    ed.add_argument("--keep", type=int, default=1)
-    ed.add_argument("--seed", type=int, default=0)
-    ed.add_argument("--out", required=True)
-    ed.add_argument("--rerank", choices=["clip", "none"], default="clip")
-    ed.add_argument("--clip", help="rerank with another CLIP: hf:NAME_OR_DIR or a CLIP directory")
-    _add_sampling_flags(ed)
-    ed.add_argument("--batch-size", type=int)
-    _add_device_flags(ed)
+    _edit_parser(commands)
 
     cls = commands.add_parser("classify", help="zero-shot classification with CLIP")
     cls.set_defaults(func=classify)
@@ -190,6 +195,19 @@ def _inference_parsers(commands) -> None:
     srch.add_argument("--strip", help="where to write the PNG strip of the hits")
     srch.add_argument("--index-dir", help="keep the embedding index here (default: IMAGES/.dalle-index)")
     _add_device_flags(srch)
+
+    im = commands.add_parser("imagine", help="a picture found by optimising the codes for CLIP's score")
+    im.set_defaults(func=imagine)
+    im.add_argument("--model", required=True, help="a pipeline directory (or hf:USER/REPO)")
+    im.add_argument("--prompt", required=True)
+    im.add_argument("--seed", type=int, default=0)
+    im.add_argument("--out", required=True)
+    im.add_argument("--steps", type=int, default=100, help="optimisation steps")
+    im.add_argument("--init", choices=["random", "sample"], default="random",
+                    help="random logits, or the transformer's best of 16 samples")
+    im.add_argument("--clip", help="the judge: hf:NAME_OR_DIR or a CLIP directory (default: the model's)")
+    im.add_argument("--frames", action="store_true", help="also write the optimisation as a GIF")
+    _add_device_flags(im)
 
     srv = commands.add_parser("serve", help="a web page and a JSON API over a pipeline")
     srv.set_defaults(func=serve)

@@ -25,6 +25,7 @@ from dalle.inference.devices import resolve_device, resolve_dtype
 from dalle.inference.editing import read_picture, region_to_codes
 from dalle.inference.hf_clip import HFCLIPScorer
 from dalle.inference.hub import SAMPLING_FILE, push_pipeline, remove, save_pipeline, snapshot_of, staging_directory
+from dalle.inference.imagine import Imagined, imagine
 from dalle.inference.sampling import sample_image_codes
 from dalle.inference.scoring import CLIPScorer, Scorer, rerank
 from dalle.models.clip import load_clip
@@ -243,6 +244,25 @@ class Pipeline:
                             self._rank(prompt, pixels, keep, rerank_with_clip, codes))
             if rows == grid:
                 return
+
+    def imagine(self, prompt: str, *, steps: int = 100, seed: int = 0, init: str = "random",
+                scorer: Scorer | None = None, lr: float = 0.2, cutouts: int = 8, frame_every: int = 0,
+                progress: bool = True) -> Imagined:
+        """A picture found by optimising the dVAE's codes for CLIP's score (`dalle.inference.imagine`).
+
+        `init="sample"` starts from the transformer's best of 16 samples; `scorer` defaults to
+        the pipeline's CLIP."""
+        scorer = scorer or self.scorer
+        if scorer is None:
+            raise DalleError("imagine needs a CLIP: this pipeline has none (pass --clip)")
+        if init not in ("random", "sample"):
+            raise DalleError(f"init must be random or sample, got {init!r}")
+        check_request([prompt], 1, 1, seed)
+        start = None
+        if init == "sample":
+            start = self([prompt], candidates=16, keep=1, seed=seed)[0][0].codes
+        return imagine(self.dvae, scorer, prompt, steps=steps, seed=seed, init_codes=start, lr=lr, cutouts=cutouts,
+                       frame_every=frame_every, progress=progress)
 
     # ----------------------------------------------------------------------------- the Hub
 

@@ -264,6 +264,13 @@ def _routes(app: FastAPI, server: Server) -> None:
         samples = await server.run(request, lambda job: pipeline.edit(picture, region, body.prompt, **options))
         return {"images": server.images_json(samples, body.seed)}
 
+    _clip_routes(app, server)
+
+
+def _clip_routes(app: FastAPI, server: Server) -> None:
+    """CLIP's other two powers: text-to-image search over --images, and zero-shot classification."""
+    pipeline = server.pipeline
+
     @app.post("/api/search")
     async def search_pictures(body: SearchRequest, request: Request) -> dict[str, Any]:
         if server.images is None:
