@@ -198,3 +198,20 @@ def test_odd_text_and_a_corrupt_index_still_give_results(tiny_pipeline, tmp_path
     assert len(capsys.readouterr().out.splitlines()) == 3
     assert main(["classify", "--model", str(tiny_pipeline), "--labels", "caf\udce9", "a red circle",
                  str(images / "00000.png")]) == 0
+
+
+def test_search_never_writes_through_a_planted_symlink(tiny_pipeline, tmp_path):
+    images = tmp_path / "images"
+    assert main(["data", "export", "--n", "3", "--out", str(images)]) == 0
+    (images / ".dalle-index").mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (images / ".dalle-index" / "last-search.png").symlink_to(victim)
+    assert main(["search", "--model", str(tiny_pipeline), "--images", str(images), "--query", "a red circle"]) == 0
+    assert victim.read_text() == "precious"
+    strip = images / ".dalle-index" / "last-search.png"
+    assert not strip.is_symlink() and strip.read_bytes()[:4] == b"\x89PNG"
+    elsewhere = tmp_path / "index"
+    assert main(["search", "--model", str(tiny_pipeline), "--images", str(images), "--query", "a red circle",
+                 "--index-dir", str(elsewhere)]) == 0
+    assert (elsewhere / "embeddings.safetensors").is_file() and (elsewhere / "last-search.png").is_file()
