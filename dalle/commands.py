@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dalle.checkpoint import lock_directory
-from dalle.config import Config, ConfigError, DataConfig, check_sampling, load_config
+from dalle.config import Config, DataConfig, check_sampling, load_config
 from dalle.data.emoji import build_emoji
 from dalle.data.sources import export_folder, open_source, take
 from dalle.demo import run_demo
@@ -207,10 +207,7 @@ def read_prompts_file(path: str) -> list[str]:
 
 
 def _check_sampling_flags(temperature, top_k, top_p, cond_scale, batch_size) -> None:
-    try:
-        check_sampling(temperature, top_k, top_p, cond_scale)
-    except ConfigError as error:
-        raise DalleError(f"sampling: {error}") from None
+    check_sampling(temperature, top_k, top_p, cond_scale)  # a ConfigError: a DalleError, one line
     if batch_size is not None and batch_size < 1:
         raise DalleError(f"--batch-size must be >= 1, got {batch_size}")
 
@@ -399,10 +396,7 @@ def evaluate(model: str, out: str, candidates: int = 16, prompts: int = 50, seed
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "cond_scale": cond_scale}
     _check_count("--candidates", candidates, 1, most=MAX_CANDIDATES)
     _check_count("--prompts", prompts, 1, most=100_000)
-    try:
-        check_sampling(**sampling)
-    except ConfigError as error:
-        raise DalleError(f"sampling: {error}") from None
+    check_sampling(**sampling)
     if data.startswith("folder:"):
         if n is not None:
             _check_count("--n", n, 1, most=1_000_000)

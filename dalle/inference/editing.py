@@ -8,6 +8,7 @@ the region is resized the same way, and a code is redrawn when any pixel of its 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -18,14 +19,15 @@ from dalle.errors import DalleError
 MAX_SIDE = 4096  # larger pictures (and decompression bombs) are refused, not decoded
 
 
-def read_picture(path: str | Path | Image.Image, what: str = "picture", mode: str = "RGB") -> Image.Image:
-    """A picture file as a fully decoded PIL image, or a one-line error naming it."""
+def read_picture(path: str | Path | BinaryIO | Image.Image, what: str = "picture", mode: str = "RGB") -> Image.Image:
+    """A picture (a file, or its bytes in a file object) fully decoded, or a one-line error naming it."""
     if isinstance(path, Image.Image):
         return path.convert(mode)
     try:
         with Image.open(path) as image:
             if max(image.size) > MAX_SIDE:
-                raise DalleError(f"the {what} {path} is {image.size[0]}x{image.size[1]}: at most "
+                where = "" if hasattr(path, "read") else f" {path}"
+                raise DalleError(f"the {what}{where} is {image.size[0]}x{image.size[1]}: at most "
                                  f"{MAX_SIDE}x{MAX_SIDE} pixels")
             image.load()
             return image.convert(mode)
@@ -33,7 +35,8 @@ def read_picture(path: str | Path | Image.Image, what: str = "picture", mode: st
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DalleError(f"cannot read the {what} {path}: {reason}") from None
+        where = "" if hasattr(path, "read") else f" {path}"
+        raise DalleError(f"cannot read the {what}{where}: {reason}") from None
 
 
 def parse_box(text: str) -> tuple[int, int, int, int]:

@@ -135,10 +135,7 @@ class Pipeline:
     def settings(self, temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  cond_scale: float | None = None) -> Settings:
         """The given sampling settings, checked, with the pipeline's defaults (sampling.json) for the rest."""
-        try:
-            check_sampling(temperature, top_k, top_p, cond_scale)
-        except ConfigError as error:
-            raise DalleError(f"sampling: {error}") from None
+        check_sampling(temperature, top_k, top_p, cond_scale)  # a ConfigError (a DalleError) names the value
         defaults = self.sampling
         return Settings(defaults.temperature if temperature is None else temperature,
                         (defaults.top_k if top_k is None else top_k) or None,  # 0: off

@@ -35,7 +35,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from dalle.errors import DalleError
-from dalle.inference.editing import MAX_SIDE
+from dalle.inference.editing import read_picture
 from dalle.inference.pipeline import Pipeline, check_request
 from dalle.inference.scoring import classify, search
 from dalle.inference.search_index import build_or_load_index
@@ -99,16 +99,7 @@ def decode_upload(text: str, what: str, mode: str = "RGB") -> Image.Image:
         raise DalleError(f"{what} is not base64") from None
     if len(data) > MAX_UPLOAD_BYTES:
         raise DalleError(f"{what} is {len(data) / 1e6:.1f} MB: at most {MAX_UPLOAD_BYTES // (1024 * 1024)} MB")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if max(image.size) > MAX_SIDE:
-                raise DalleError(f"{what} is {image.size[0]}x{image.size[1]}: at most {MAX_SIDE}x{MAX_SIDE} pixels")
-            image.load()
-            return image.convert(mode)
-    except DalleError:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        raise DalleError(f"{what} is not a readable picture") from None
+    return read_picture(io.BytesIO(data), what, mode)  # at most 4096 x 4096, fully decoded
 
 
 class Server:
