@@ -126,6 +126,17 @@ def _add_device_flags(parser: argparse.ArgumentParser) -> None:
                         help="the transformer's precision (auto: bf16 on a GPU, float32 on the CPU)")
 
 
+def _add_candidate_flags(parser: argparse.ArgumentParser) -> None:
+    """What generate and edit share: how many to sample and keep, the seed, the output, reranking, sampling."""
+    parser.add_argument("--candidates", type=int, default=8)
+    parser.add_argument("--keep", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--rerank", choices=["clip", "none"], default="clip")
+    parser.add_argument("--clip", help="rerank with another CLIP: hf:NAME_OR_DIR or a CLIP directory")
+    _add_sampling_flags(parser)
+
+
 def _edit_parser(commands) -> None:
     ed = commands.add_parser("edit", help="redraw a region of a picture for a prompt")
     ed.set_defaults(func=edit)
@@ -135,13 +146,7 @@ def _edit_parser(commands) -> None:
     region.add_argument("--box", help="x0,y0,x1,y1 in the picture's pixels (x1, y1 excluded)")
     region.add_argument("--mask", help="a picture of the same size, white where to redraw")
     ed.add_argument("--prompt", required=True, help="the caption of the whole edited picture")
-    ed.add_argument("--candidates", type=int, default=8)
-    ed.add_argument("--keep", type=int, default=1)
-    ed.add_argument("--seed", type=int, default=0)
-    ed.add_argument("--out", required=True)
-    ed.add_argument("--rerank", choices=["clip", "none"], default="clip")
-    ed.add_argument("--clip", help="rerank with another CLIP: hf:NAME_OR_DIR or a CLIP directory")
-    _add_sampling_flags(ed)
+    _add_candidate_flags(ed)
     ed.add_argument("--batch-size", type=int)
     _add_device_flags(ed)
 
@@ -160,13 +165,7 @@ def _inference_parsers(commands) -> None:
     prompts = gen.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", nargs="+", help="one or more prompts")
     prompts.add_argument("--prompts-file", help="UTF-8, one prompt a line, blank lines ignored")
-    gen.add_argument("--candidates", type=int, default=8)
-    gen.add_argument("--keep", type=int, default=1)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--out", required=True)
-    gen.add_argument("--rerank", choices=["clip", "none"], default="clip")
-    gen.add_argument("--clip", help="rerank with another CLIP: hf:NAME_OR_DIR or a CLIP directory")
-    _add_sampling_flags(gen)
+    _add_candidate_flags(gen)
     gen.add_argument("--prime-image", help="complete this picture from its top rows")
     gen.add_argument("--prime-rows", type=int, default=0)
     gen.add_argument("--batch-size", type=int)

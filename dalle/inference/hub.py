@@ -9,8 +9,6 @@ pipeline_tag, tags). Nothing here imports training code.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -154,11 +152,3 @@ def push_pipeline(directory: Path, repo: str, private: bool = False, token: str 
         raise DalleError(f"cannot push to {repo}: {first}") from None
     return str(url)
 
-
-def staging_directory() -> Path:
-    """A temporary folder for a pipeline on its way to the Hub (the caller removes it)."""
-    return Path(tempfile.mkdtemp(prefix="dalle-push-"))
-
-
-def remove(directory: Path) -> None:
-    shutil.rmtree(directory, ignore_errors=True)

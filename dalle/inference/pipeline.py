@@ -9,6 +9,7 @@ that the stages fit together before anything runs. This module imports no traini
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from dalle.images import pil_to_tensor, tensor_to_pil
 from dalle.inference.devices import resolve_device, resolve_dtype
 from dalle.inference.editing import read_picture, region_to_codes
 from dalle.inference.hf_clip import HFCLIPScorer
-from dalle.inference.hub import SAMPLING_FILE, push_pipeline, remove, save_pipeline, snapshot_of, staging_directory
+from dalle.inference.hub import SAMPLING_FILE, push_pipeline, save_pipeline, snapshot_of
 from dalle.inference.imagine import Imagined, imagine
 from dalle.inference.sampling import sample_image_codes
 from dalle.inference.scoring import CLIPScorer, Scorer, rerank
@@ -276,12 +277,9 @@ class Pipeline:
     def push_to_hub(self, repo: str, private: bool = False, token: str | None = None,
                     max_shard_size: int | str = "2GB", **card) -> str:
         """Uploads the pipeline to the Hub repository `repo` (USER/NAME); returns the repository URL."""
-        staging = staging_directory()
-        try:
-            self.save_pretrained(staging / "pipeline", max_shard_size, **card)
-            return push_pipeline(staging / "pipeline", repo, private, token)
-        finally:
-            remove(staging)
+        with tempfile.TemporaryDirectory(prefix="dalle-push-") as staging:
+            self.save_pretrained(Path(staging) / "pipeline", max_shard_size, **card)
+            return push_pipeline(Path(staging) / "pipeline", repo, private, token)
 
     # ----------------------------------------------------------------------------- the steps of a call
 
