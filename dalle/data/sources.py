@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import logging
 import random
+import re
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -189,16 +190,95 @@ class FolderSource(Source):
         return to_square_rgb(image, self.config.size), caption
 
 
+MAX_SHARDS = 1_000_000  # a brace pattern that names more is a typo, not a dataset
+_WARNED: set[str] = set()  # wds: patterns whose missing shards this process has already reported
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """The names a shell-style brace pattern stands for, in order, as webdataset reads them.
+
+    `{a,b}` is a list (nested braces too), `{00000..00099}` a range (zero-padded to the
+    wider end when either end has a leading zero; `{5..1}` counts down). A brace with
+    neither a top-level comma nor a range is kept as it is.
+    """
+    depth, start = 0, -1
+    for index, char in enumerate(pattern):
+        if char == "{":
+            depth += 1
+            start = index if depth == 1 else start
+        elif char == "}" and depth:
+            depth -= 1
+            if depth == 0:
+                choices = _brace_choices(pattern[start + 1 : index])
+                if choices is not None:
+                    head, tails = pattern[:start], expand_braces(pattern[index + 1 :])
+                    if len(choices) * len(tails) > MAX_SHARDS:
+                        raise DataError(f"{pattern!r} names more than {MAX_SHARDS:,} shards")
+                    return [head + choice + tail for choice in choices for tail in tails]
+                # A literal brace: keep it, expand what follows it.
+                return [pattern[: start + 1] + tail for tail in expand_braces(pattern[start + 1 :])]
+    return [pattern]
+
+
+def _brace_choices(body: str) -> list[str] | None:
+    """The expansions of one brace's contents, or None when it is not a list or a range."""
+    parts, depth, last = [], 0, 0
+    for index, char in enumerate(body):
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(body[last:index])
+            last = index + 1
+    if parts:
+        parts.append(body[last:])
+        return [name for part in parts for name in expand_braces(part)]
+    bounds = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if bounds is None:
+        return None
+    first, last_text = bounds.groups()
+    low, high = int(first), int(last_text)
+    if abs(high - low) >= MAX_SHARDS:
+        raise DataError(f"{{{body}}} names more than {MAX_SHARDS:,} shards")
+    padded = any(re.match(r"-?0\d", end) for end in (first, last_text))
+    width = max(len(first), len(last_text)) if padded else 0
+    step = 1 if high >= low else -1
+    return [f"{number:0{width}d}" for number in range(low, high + step, step)]
+
+
+def shard_paths(pattern: str) -> tuple[list[str], list[str]]:
+    """(the shard files a `wds:` pattern names, the names it lists that are missing).
+
+    Braces are expanded first (`expand_braces`), then each name is globbed (`*`, `?`,
+    `[...]`). Raises a one-line DataError when no file at all matches.
+    """
+    found: dict[str, None] = {}  # ordered and without repeats
+    missing = []
+    for name in expand_braces(pattern):
+        if glob.has_magic(name):
+            matches = sorted(glob.glob(name))
+        else:
+            matches = [name] if Path(name).is_file() else []
+        found.update(dict.fromkeys(matches))
+        if not matches:
+            missing.append(name)
+    if not found:
+        raise DataError(f"no shards match {pattern!r}")
+    return list(found), missing
+
+
 class WebDatasetSource(Source):
-    """WebDataset tar shards: members grouped by key, an image member plus a `.txt`."""
+    """WebDataset tar shards (as img2dataset writes them): members grouped by key, an image member plus a `.txt`."""
 
     name = "wds"
 
     def __init__(self, config: DataConfig, pattern: str):
         super().__init__(config)
-        self.shards = sorted(glob.glob(pattern))
-        if not self.shards:
-            raise DataError(f"no shards match {pattern!r}")
+        self.shards, missing = shard_paths(pattern)
+        if missing:  # img2dataset numbers every shard it starts; one can fail to arrive whole
+            self.skipped["missing shard"] += len(missing)
+            if pattern not in _WARNED:  # once per process, not once per data-loader worker and epoch
+                _WARNED.add(pattern)
+                log.warning("wds:%s: %d of the shards it names are missing, e.g. %s", pattern, len(missing),
+                            missing[0])
         self.rng = random.Random(config.seed)
 
     def samples(self, shard: str) -> Iterator[dict[str, bytes]]:
