@@ -18,6 +18,7 @@ from dalle import __version__
 from dalle.commands import (
     classify,
     convert_openai,
+    convert_vqgan,
     data_export,
     data_fetch,
     data_show,
@@ -77,9 +78,11 @@ def _data_parsers(commands) -> None:
 
 
 def _training_parsers(commands) -> None:
-    for name, helptext, func in (("train-vae", "train the dVAE", train_vae),
+    for name, helptext, func in (("train-vae", "train the image tokenizer (dVAE, or VQGAN with image_tokenizer: "
+                                               "vqgan)", train_vae),
                                  ("train-clip", "train the CLIP", train_clip),
-                                 ("train", "train the transformer (needs the run's dVAE)", train_transformer)):
+                                 ("train", "train the transformer (needs the run's image tokenizer)",
+                                  train_transformer)):
         sub = commands.add_parser(name, help=helptext)
         sub.set_defaults(func=func)
         sub.add_argument("--config", required=True, help="a YAML file in configs/")
@@ -109,6 +112,13 @@ def _training_parsers(commands) -> None:
     openai.add_argument("--image-size", type=int, default=256, help="the picture side it reads (OpenAI: 256)")
     openai.add_argument("--trust-pickle", action="store_true",
                         help="allow loading pickled modules (this runs code from the files)")
+    vqgan = what.add_parser("vqgan", help="a taming-transformers (or ruDALL-E) VQGAN: last.ckpt + model.yaml")
+    vqgan.set_defaults(func=convert_vqgan)
+    vqgan.add_argument("--checkpoint", required=True, help="the Lightning checkpoint (a pickle with a state_dict)")
+    vqgan.add_argument("--config", required=True, help="its model.yaml (VQModel or GumbelVQ)")
+    vqgan.add_argument("--out", required=True)
+    vqgan.add_argument("--trust-pickle", action="store_true",
+                       help="allow loading the pickled checkpoint (this runs code from the file)")
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -152,9 +162,9 @@ def _edit_parser(commands) -> None:
 
 
 def _inference_parsers(commands) -> None:
-    rec = commands.add_parser("reconstruct", help="encode + decode pictures with a dVAE")
+    rec = commands.add_parser("reconstruct", help="encode + decode pictures with the image tokenizer")
     rec.set_defaults(func=reconstruct)
-    rec.add_argument("--model", required=True, help="a dVAE or pipeline directory")
+    rec.add_argument("--model", required=True, help="a dVAE, VQGAN or pipeline directory")
     rec.add_argument("--out", required=True)
     rec.add_argument("images", nargs="+")
     _add_device_flags(rec)

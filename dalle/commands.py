@@ -32,8 +32,8 @@ from dalle.inference.pipeline import MAX_CANDIDATES, Sample, check_request, load
 from dalle.inference.scoring import classify as classify_images
 from dalle.inference.scoring import search as search_embeddings
 from dalle.inference.search_index import build_or_load_index, index_dir_for
-from dalle.models.convert import convert_openai_dvae
-from dalle.models.dvae import decode, encode, load_dvae
+from dalle.models.convert import convert_openai_dvae, convert_taming_vqgan
+from dalle.models.image_tokenizer import image_tokenizer_dir, load_image_tokenizer
 from dalle.outputs import Results
 from dalle.tokenizer import train_bpe
 from dalle.training import stages
@@ -117,9 +117,10 @@ def _resume(value: str) -> str | None:
 
 def train_vae(config: str, overrides: list[str] | None = None, resume: str = "auto", run_dir: str | None = None,
               max_bad_fraction: float | None = None) -> dict:
-    """Trains the dVAE (stage 1), then prints its training and reconstruction summary."""
+    """Trains the image tokenizer (stage 1: the dVAE, or the VQGAN with `image_tokenizer: vqgan`), then
+    prints its training and reconstruction summary."""
     run = _config(config, overrides, run_dir, max_bad_fraction)
-    summary = stages.train_dvae(run, resume=_resume(resume))
+    summary = stages.train_image_tokenizer(run, resume=_resume(resume))
     if not summary.get("stopped_early"):
         summary.update(evaluate_dvae(run))
     print(json.dumps(summary))
@@ -139,7 +140,7 @@ def train_clip(config: str, overrides: list[str] | None = None, resume: str = "a
 
 def train_transformer(config: str, overrides: list[str] | None = None, resume: str = "auto",
                       run_dir: str | None = None, max_bad_fraction: float | None = None) -> dict:
-    """Trains the transformer on captions and the frozen dVAE's codes."""
+    """Trains the transformer on captions and the frozen image tokenizer's codes."""
     summary = stages.train_transformer(_config(config, overrides, run_dir, max_bad_fraction), resume=_resume(resume))
     print(json.dumps(summary))
     return summary
@@ -148,11 +149,11 @@ def train_transformer(config: str, overrides: list[str] | None = None, resume: s
 def train_all(config: str, overrides: list[str] | None = None, run_dir: str | None = None,
               max_bad_fraction: float | None = None) -> dict:
     """Trains every stage of a config not yet trained in the run directory, in order, resumable;
-    measures what it trained (the dVAE; on shapes the CLIP) and prints one JSON summary."""
+    measures what it trained (the image tokenizer; on shapes the CLIP) and prints one JSON summary."""
     run = _config(config, overrides, run_dir, max_bad_fraction)
     summary = stages.train_all(run)
-    if "dvae" in summary and not run.dvae.pretrained:
-        summary["dvae"].update(evaluate_dvae(run))
+    if run.image_tokenizer in summary and not stages.pretrained_of(run):
+        summary[run.image_tokenizer].update(evaluate_dvae(run))
     if "clip" in summary and run.data.source == "shapes":
         summary["clip"].update(evaluate_clip_shapes(run))
     print(json.dumps(summary))
@@ -167,21 +168,30 @@ def convert_openai(encoder: str, decoder: str, out: str, trust_pickle: bool = Fa
     return path
 
 
+def convert_vqgan(checkpoint: str, config: str, out: str, trust_pickle: bool = False) -> Path:
+    """Converts a released taming-transformers VQGAN (Lightning last.ckpt + its model.yaml) into a model directory."""
+    path = Path(convert_taming_vqgan(checkpoint, config, out, trust_pickle=trust_pickle))
+    print(path)
+    return path
+
+
 # ----------------------------------------------------------------------------- inference
 
 
 def reconstruct(model: str, images: list[str], out: str, device: str = "auto", dtype: str = "auto") -> Path:
-    """Encodes and decodes pictures with a dVAE; writes originals above reconstructions.
+    """Encodes and decodes pictures with an image tokenizer (dVAE or VQGAN); writes originals above
+    reconstructions.
 
-    (The dVAE runs in float32 whatever --dtype says: see `Pipeline.to`.)"""
+    (The image tokenizer runs in float32 whatever --dtype says: see `Pipeline.to`.)"""
     where = resolve_device(device)
     resolve_dtype(dtype, where)  # checked, so a dtype the device cannot run is still an error
-    dvae = load_dvae(Path(model) / "dvae" if (Path(model) / "dvae").is_dir() else Path(model)).to(where)
-    pictures, _ = read_images(images, dvae.config.image_size)
+    directory = Path(model) if (Path(model) / "config.json").is_file() else image_tokenizer_dir(model)
+    tokenizer = load_image_tokenizer(directory).to(where)
+    pictures, _ = read_images(images, tokenizer.image_size)
     if not pictures:
         raise DalleError(f"no readable images among {len(images)}")
     originals = torch.stack([t for _, t in pictures]).to(where)
-    recons = decode(dvae, encode(dvae, originals))
+    recons = tokenizer.decode(tokenizer.encode(originals))
     grid = labelled_grid([[tensor_to_pil(t) for t in originals], [tensor_to_pil(t) for t in recons]],
                          row_titles=["originals", "reconstructions"])
     path = save_png(grid, out)
@@ -272,7 +282,8 @@ def edit(model: str, image: str, prompt: str, out: str, box: str | None = None, 
 
 def imagine(model: str, prompt: str, out: str, seed: int = 0, steps: int = 100, init: str = "random",
             clip: str | None = None, frames: bool = False, device: str = "auto", dtype: str = "auto") -> Path:
-    """A picture for a prompt found by optimising the dVAE's codes for CLIP's score (no transformer needed)."""
+    """A picture for a prompt found by optimising the image tokenizer's codes for CLIP's score (no transformer
+    needed)."""
     check_request([prompt], 1, 1, seed)
     _check_count("--steps", steps, 1, most=10_000)
     pipeline = load_pipeline(model, device=device, dtype=dtype)

@@ -5,7 +5,7 @@ Unknown keys and wrong types fail with one line naming the key and the file, bec
 typo in a config must not silently train the wrong model.
 
 A run directory (`run_dir`) is also the pipeline directory that inference loads:
-`run_dir/tokenizer.json`, `run_dir/dvae/`, `run_dir/transformer/`, `run_dir/clip/`.
+`run_dir/tokenizer.json`, `run_dir/dvae/` (or `run_dir/vqgan/`), `run_dir/transformer/`, `run_dir/clip/`.
 """
 
 from __future__ import annotations
@@ -120,6 +120,58 @@ class DVAEConfig:
     @property
     def grid_size(self) -> int:
         return self.image_size // 2 ** (self.groups - 1)
+
+
+@dataclass
+class VQGANConfig:
+    """The VQGAN image tokenizer of taming-transformers (encoder, quantizer, decoder), sized by these numbers.
+
+    The field names are taming's `ddconfig` ones, so a released model.yaml maps onto them."""
+
+    ch: int = 64  # width of the first level; level i has ch * ch_mult[i] channels
+    ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2])  # per level; grid: resolution / 2**(levels-1)
+    num_res_blocks: int = 1  # residual blocks per level (the decoder has one more)
+    attn_resolutions: list[int] = field(default_factory=list)  # feature-map sides that get self-attention
+    resolution: int = 32  # the picture side
+    in_channels: int = 3
+    out_ch: int = 3
+    z_channels: int = 64  # the encoder's output channels
+    embed_dim: int = 64  # the codebook vectors' length
+    n_embed: int = 512  # the codebook size
+    quantizer: str = "vq"  # vq (nearest codebook vector, VQModel) | gumbel (argmax of logits, GumbelVQ)
+    beta: float = 0.25  # the codebook term's weight in taming's (legacy) quantizer loss
+    dropout: float = 0.0
+    # Training (`dalle train-vae` with image_tokenizer: vqgan; the vq quantizer only): the loss is
+    # pixel MSE + edge_weight * MSE of the pictures' finite differences + the quantizer loss.
+    edge_weight: float = 0.0  # sharper edges than MSE alone gives (no GAN, no LPIPS here)
+    # A code unused for this many steps in a row is restarted at a random encoder output of the
+    # batch, so the codebook does not collapse to a few codes; 0 never restarts.
+    dead_code_steps: int = 50
+    # A converted VQGAN directory (`dalle convert vqgan`) to use instead of training one.
+    pretrained: str = ""
+
+    def __post_init__(self):
+        _positive(self, "vqgan", "ch", "num_res_blocks", "resolution", "in_channels", "out_ch", "z_channels",
+                  "embed_dim")
+        _check(1 <= len(self.ch_mult) <= 8 and all(m >= 1 for m in self.ch_mult), "vqgan.ch_mult",
+               f"must hold 1 to 8 numbers >= 1, got {self.ch_mult}")
+        # taming's Normalize is a GroupNorm of 32 groups on every level's channels.
+        _check(all(self.ch * m % 32 == 0 for m in self.ch_mult), "vqgan.ch",
+               f"times every ch_mult must be a multiple of 32 (group norms of 32 groups), got {self.ch}")
+        factor = 2 ** (len(self.ch_mult) - 1)
+        _check(self.resolution % factor == 0, "vqgan.resolution", f"must be divisible by {factor}")
+        _check(self.n_embed >= 2, "vqgan.n_embed", "must be >= 2")
+        _check(self.quantizer in ("vq", "gumbel"), "vqgan.quantizer", f"must be vq or gumbel, got {self.quantizer!r}")
+        _check(self.quantizer == "vq" or self.z_channels == self.embed_dim, "vqgan.embed_dim",
+               "must equal z_channels for the gumbel quantizer (its proj reads quant_conv's output)")
+        _finite(self, "vqgan", "beta", "edge_weight")
+        _check(self.beta >= 0 and self.edge_weight >= 0, "vqgan.beta/edge_weight", "must be >= 0")
+        _check(0.0 <= self.dropout < 1.0, "vqgan.dropout", "must be in [0, 1)")
+        _check(self.dead_code_steps >= 0, "vqgan.dead_code_steps", "must be >= 0 (0: never restart)")
+
+    @property
+    def grid_size(self) -> int:
+        return self.resolution // 2 ** (len(self.ch_mult) - 1)
 
 
 @dataclass
@@ -275,6 +327,7 @@ class TrainStages:
     """Training settings per stage, so one file (the demo's) can train every stage."""
 
     dvae: TrainConfig = field(default_factory=TrainConfig)
+    vqgan: TrainConfig = field(default_factory=TrainConfig)
     transformer: TrainConfig = field(default_factory=TrainConfig)
     clip: TrainConfig = field(default_factory=TrainConfig)
 
@@ -286,11 +339,18 @@ class Config:
     run_dir: str = "runs/shapes"
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    # Which image tokenizer the run trains (into run_dir/dvae or run_dir/vqgan) and the transformer reads.
+    image_tokenizer: str = "dvae"  # dvae | vqgan
     dvae: DVAEConfig = field(default_factory=DVAEConfig)
+    vqgan: VQGANConfig = field(default_factory=VQGANConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     clip: CLIPConfig = field(default_factory=CLIPConfig)
     train: TrainStages = field(default_factory=TrainStages)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self):
+        _check(self.image_tokenizer in ("dvae", "vqgan"), "image_tokenizer",
+               f"must be dvae or vqgan, got {self.image_tokenizer!r}")
 
 
 def _check(ok: bool, key: str, message: str) -> None:

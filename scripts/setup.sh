@@ -30,6 +30,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     # torchvision, so it goes in without dependencies.
     "${INSTALL[@]}" --no-deps dall-e==0.1
     "${INSTALL[@]}" requests attrs
+    # taming-transformers' VQGAN modules, for the VQGAN parity test only: its requirements pull
+    # Lightning and a CUDA torchvision; the two modules the test imports need only torch, numpy
+    # and einops (already the project's).
+    "${INSTALL[@]}" --no-deps taming-transformers-rom1504==0.0.6
     .venv/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
     echo "$want" > "$stamp"
 fi

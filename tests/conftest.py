@@ -32,3 +32,11 @@ def tiny_pipeline(tmp_path_factory) -> Path:
     stages.train_clip(config, progress=False)
     stages.train_transformer(config, progress=False)
     return run_dir
+
+
+# tiny.yaml with a VQGAN as the image tokenizer (taming's architecture at its smallest: group
+# norms need 32 channels), an 8x8 grid of 32 codes like the tiny dVAE's.
+VQ_TINY = ["image_tokenizer=vqgan", "vqgan.ch=32", "vqgan.ch_mult=[1,1,1]", "vqgan.z_channels=8",
+           "vqgan.embed_dim=8", "vqgan.n_embed=32", "vqgan.dead_code_steps=2", "train.vqgan.steps=6",
+           "train.vqgan.batch_size=8", "train.vqgan.lr=1.0e-3", "train.vqgan.warmup_steps=2",
+           "train.vqgan.log_every=2"]

@@ -23,7 +23,7 @@ from dalle.evaluation.digits import evaluate_digits
 from dalle.evaluation.report import write_report
 from dalle.images import pil_to_tensor
 from dalle.inference.pipeline import Pipeline, load_pipeline
-from dalle.models.dvae import decode, encode, psnr
+from dalle.models.dvae import psnr
 
 
 def prompt_sets(count: int, seed: int = 0) -> dict[str, list[str]]:
@@ -80,11 +80,12 @@ def evaluate_prompts(pipeline: Pipeline, prompts: list[str], candidates: int, se
 
 
 def dvae_psnr(pipeline: Pipeline, n: int = 200) -> float:
-    """Reconstruction PSNR of the pipeline's dVAE on shapes test pictures."""
+    """Reconstruction PSNR of the pipeline's image tokenizer (dVAE or VQGAN) on shapes test pictures."""
     size = pipeline.image_size
     originals = torch.stack([pil_to_tensor(shapes.render("test", 0, i, size)[0]) for i in range(n)])
     with torch.inference_mode():
-        return float(psnr(originals, decode(pipeline.dvae, encode(pipeline.dvae, originals))))
+        tokenizer = pipeline.image_tokenizer
+        return float(psnr(originals, tokenizer.decode(tokenizer.encode(originals))))
 
 
 def evaluate_pipeline(model: str | Path, out: str | Path, candidates: int = 16, prompts_per_set: int = 50,

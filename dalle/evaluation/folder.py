@@ -32,7 +32,7 @@ from dalle.errors import DalleError
 from dalle.images import pil_to_tensor, tensor_to_pil
 from dalle.inference.pipeline import Pipeline, load_scorer
 from dalle.inference.scoring import Scorer, embed_images, score_images
-from dalle.models.dvae import decode, encode, psnr
+from dalle.models.dvae import psnr
 from dalle.viz import labelled_grid, save_png
 
 FEATURE_SIDE = 16
@@ -93,7 +93,8 @@ def calibration(pipeline: Pipeline, images: torch.Tensor, gallery: torch.Tensor,
     generator = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
         batches = [images[i:i + 64].to(pipeline.device) for i in range(0, len(images), 64)]
-        recons = torch.cat([decode(pipeline.dvae, encode(pipeline.dvae, batch)).cpu() for batch in batches]).float()
+        tokenizer = pipeline.image_tokenizer
+        recons = torch.cat([tokenizer.decode(tokenizer.encode(batch)).cpu() for batch in batches]).float()
     changed = {"shifted_1px": torch.roll(images, shifts=(1, 1), dims=(2, 3)),
                "noise_0.05": (images + 0.05 * torch.randn(images.shape, generator=generator)).clamp(0, 1),
                "reconstruction": recons,

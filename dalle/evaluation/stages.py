@@ -1,7 +1,8 @@
 """What each training stage reached, measured on the test split after it trained.
 
-- `evaluate_dvae`: reconstruction PSNR, codebook use and (on shapes) how often the
-  picture reader reads a reconstruction as its original; a PNG of the worst.
+- `evaluate_dvae`: the run's image tokenizer (dVAE or VQGAN): reconstruction PSNR, codebook
+  use and (on shapes) how often the picture reader reads a reconstruction as its original;
+  a PNG of the worst.
 - `evaluate_clip_shapes`: zero-shot accuracy on the 24 colour-shape labels, search
   precision, and false-twin accuracies (order, binding, attribute, shape).
 
@@ -22,26 +23,28 @@ from dalle.data.table import load_table
 from dalle.images import to_float, to_uint8, uint8_to_pil
 from dalle.inference.scoring import CLIPScorer, classify, embed_images, search
 from dalle.models.clip import load_clip
-from dalle.models.dvae import codebook_stats, decode, encode, load_dvae, psnr
+from dalle.models.dvae import codebook_stats, psnr
+from dalle.models.image_tokenizer import load_image_tokenizer
 from dalle.tokenizer import TOKENIZER_FILE, load_tokenizer
 from dalle.viz import labelled_grid, save_png
 
 
 def evaluate_dvae(config: Config, n: int = 500, progress: bool = True) -> dict[str, float]:
-    """PSNR, codebook use and (for shapes) reader agreement on the test split; writes a PNG."""
-    run_dir = Path(config.run_dir)
-    model = load_dvae(run_dir / "dvae")
+    """PSNR, codebook use and (for shapes) reader agreement of the run's image tokenizer (run_dir/dvae
+    or run_dir/vqgan) on the test split; writes reports/KIND-reconstructions.png and KIND-metrics.json."""
+    run_dir, kind = Path(config.run_dir), config.image_tokenizer
+    model = load_image_tokenizer(run_dir / kind)
     images, captions = load_table(config.data, n=n, split="test", progress=progress)
     originals = to_float(images)
     codes, recons = [], []
     with torch.inference_mode():
         for start in range(0, len(originals), 100):
-            batch_codes = encode(model, originals[start : start + 100])
+            batch_codes = model.encode(originals[start : start + 100])
             codes.append(batch_codes)
-            recons.append(decode(model, batch_codes))
+            recons.append(model.decode(batch_codes))
     codes, recons = torch.cat(codes), torch.cat(recons)
-    summary = {"psnr": psnr(originals, recons), **codebook_stats(codes, model.config.codebook_size),
-               "codebook_size": model.config.codebook_size, "grid": model.config.grid_size}
+    summary = {"psnr": psnr(originals, recons), **codebook_stats(codes, model.codebook_size),
+               "codebook_size": model.codebook_size, "grid": model.grid}
     recon_uint8 = to_uint8(recons)
     failures: list[int] = []
     if config.data.source == "shapes":
@@ -57,8 +60,8 @@ def evaluate_dvae(config: Config, n: int = 500, progress: bool = True) -> dict[s
         worst = failures[:16]
         rows += [[pil(images[i]) for i in worst], [pil(recon_uint8[i]) for i in worst]]
         titles += ["misread: originals", "misread: reconstructions"]
-    save_png(labelled_grid(rows, row_titles=titles, cell=64), run_dir / "reports" / "dvae-reconstructions.png")
-    (run_dir / "reports" / "dvae-metrics.json").write_text(json.dumps(summary, indent=2))
+    save_png(labelled_grid(rows, row_titles=titles, cell=64), run_dir / "reports" / f"{kind}-reconstructions.png")
+    (run_dir / "reports" / f"{kind}-metrics.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

@@ -1,10 +1,12 @@
 """`dalle imagine`: a picture found by optimising the tokenizer's codes so that CLIP scores it high.
 
-No transformer is needed (VQGAN+CLIP, as Pixray does it, here on the dVAE): the code grid is
-a learnt tensor of logits (h, w, K); each step decodes the straight-through one-hot of
-their softmax (the forward pass is a picture the tokenizer can make; the gradient goes
-through the softmax), cuts random crops, shifts and adds noise so CLIP is not fooled by a
-few adversarial pixels, and moves the logits towards a higher CLIP score for the prompt.
+No transformer is needed (VQGAN+CLIP, as Pixray does it, here on the dVAE or the VQGAN): the
+code grid is a learnt tensor of logits (h, w, K); each step decodes the straight-through
+one-hot of their softmax (the forward pass is a picture the tokenizer can make; the gradient
+goes through the softmax), cuts random crops, shifts and adds noise so CLIP is not fooled by
+a few adversarial pixels, and moves the logits towards a higher CLIP score for the prompt.
+The dVAE's decoder reads the one-hot itself; the VQGAN's reads its codebook vectors (the
+one-hot times the codebook), so both tokenizers take the same path.
 `init="sample"` starts from the transformer's best sample (DALL-E + CLIP refinement).
 The result is the argmax codes, decoded.
 """
@@ -23,7 +25,9 @@ from dalle.errors import DalleError
 from dalle.images import tensor_to_pil
 from dalle.inference.hf_clip import HFCLIPScorer
 from dalle.inference.scoring import CLIPScorer, Scorer, score_images
-from dalle.models.dvae import DVAE, decode, unsqueeze_pixels
+from dalle.models.dvae import DVAE, unsqueeze_pixels
+from dalle.models.image_tokenizer import ImageTokenizer
+from dalle.models.vqgan import to_unit
 
 
 @dataclass
@@ -67,13 +71,23 @@ def augment(images: torch.Tensor, cutouts: int, generator: torch.Generator) -> t
     return (views + noise).clamp(0, 1)
 
 
-def imagine(dvae: DVAE, scorer: Scorer, prompt: str, *, steps: int = 100, seed: int = 0,
+def relaxed_pixels(tokenizer: ImageTokenizer, one_hot: torch.Tensor) -> torch.Tensor:
+    """(1, K, h, w) codes as (straight-through) one-hot vectors -> (1, 3, S, S) pixels in [0, 1],
+    with gradients back to the one-hot."""
+    if isinstance(tokenizer, DVAE):
+        c = tokenizer.config
+        return unsqueeze_pixels(torch.sigmoid(tokenizer.decoder(one_hot)[:, : c.channels].float()), c.eps)
+    z_q = torch.einsum("bkhw,kd->bdhw", one_hot, tokenizer.quantize.codebook)  # (1, D, h, w)
+    return to_unit(tokenizer.decode_latents(z_q).float())
+
+
+def imagine(tokenizer: ImageTokenizer, scorer: Scorer, prompt: str, *, steps: int = 100, seed: int = 0,
             init_codes: torch.Tensor | None = None, lr: float = 0.2, cutouts: int = 8, frame_every: int = 0,
             progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> Imagined:
-    """Optimises dVAE code logits for `prompt`; returns the argmax picture.
+    """Optimises the image tokenizer's code logits for `prompt`; returns the argmax picture.
 
     Args:
-        dvae: the tokenizer whose codes are optimised (its weights stay fixed).
+        tokenizer: the image tokenizer (dVAE or VQGAN) whose codes are optimised (its weights stay fixed).
         scorer: the CLIP that judges (ours, or `hf:NAME`).
         prompt: what the picture should show.
         steps: optimisation steps (Adam).
@@ -87,9 +101,8 @@ def imagine(dvae: DVAE, scorer: Scorer, prompt: str, *, steps: int = 100, seed: 
         raise DalleError(f"steps must be in [1, 10000], got {steps}")
     if not 1 <= cutouts <= 64:
         raise DalleError(f"cutouts must be in [1, 64], got {cutouts}")
-    config = dvae.config
-    device = next(dvae.parameters()).device
-    grid, vocab = config.grid_size, config.codebook_size
+    device = next(tokenizer.parameters()).device
+    grid, vocab = tokenizer.grid, tokenizer.codebook_size
     generator = torch.Generator().manual_seed(seed)
     if init_codes is None:
         start = torch.randn(1, vocab, grid, grid, generator=generator)
@@ -98,27 +111,28 @@ def imagine(dvae: DVAE, scorer: Scorer, prompt: str, *, steps: int = 100, seed: 
     logits = start.to(device).requires_grad_(True)
     with torch.no_grad():
         text = scorer.embed_texts([prompt]).to(device).clone()  # (1, D); a normal tensor, not an inference one
-    frozen = [p for module in (dvae, getattr(scorer, "model", None)) if module is not None
+    frozen = [p for module in (tokenizer, getattr(scorer, "model", None)) if module is not None
               for p in module.parameters() if p.requires_grad]
     for p in frozen:  # only the logits learn: no gradients for the weights
         p.requires_grad_(False)
     try:
-        frames = _optimise(dvae, scorer, logits, text, steps, lr, cutouts, frame_every, generator, progress, on_step)
+        frames = _optimise(tokenizer, scorer, logits, text, steps, lr, cutouts, frame_every, generator, progress,
+                           on_step)
     finally:
         for p in frozen:
             p.requires_grad_(True)
     codes = logits.detach().argmax(dim=1)  # (1, h, w)
-    picture = decode(dvae, codes)  # (1, 3, S, S)
+    picture = tokenizer.decode(codes)  # (1, 3, S, S)
     final = float(score_images(scorer, prompt, picture.cpu())[0])
     image = tensor_to_pil(picture[0])
     return Imagined(image, codes.flatten().cpu(), final, frames + ([image] if frame_every else []))
 
 
-def _optimise(dvae: DVAE, scorer: Scorer, logits: torch.Tensor, text: torch.Tensor, steps: int, lr: float,
-              cutouts: int, frame_every: int, generator: torch.Generator, progress: bool,
+def _optimise(tokenizer: ImageTokenizer, scorer: Scorer, logits: torch.Tensor, text: torch.Tensor, steps: int,
+              lr: float, cutouts: int, frame_every: int, generator: torch.Generator, progress: bool,
               on_step: Callable[[int, float], None] | None) -> list[Image.Image]:
     """The optimisation loop; returns the frames."""
-    config, vocab = dvae.config, dvae.config.codebook_size
+    vocab = tokenizer.codebook_size
     optimizer = torch.optim.Adam([logits], lr=lr)
     frames = []
     bar = tqdm(range(steps), desc="imagine", disable=not progress, leave=False)
@@ -126,7 +140,7 @@ def _optimise(dvae: DVAE, scorer: Scorer, logits: torch.Tensor, text: torch.Tens
         soft = logits.softmax(dim=1)  # (1, K, h, w)
         hard = F.one_hot(soft.argmax(dim=1), vocab).permute(0, 3, 1, 2).to(soft.dtype)
         z = hard + soft - soft.detach()  # forward: codes; backward: the softmax
-        pixels = unsqueeze_pixels(torch.sigmoid(dvae.decoder(z)[:, : config.channels].float()), config.eps)
+        pixels = relaxed_pixels(tokenizer, z)  # (1, 3, S, S)
         views = augment(pixels, cutouts, generator)
         similarity = (differentiable_image_embedding(scorer, views) @ text[0].to(views.device)).mean()
         optimizer.zero_grad(set_to_none=True)

@@ -1,9 +1,9 @@
-"""The inference path: prompts -> tokens -> transformer -> image codes -> dVAE -> CLIP -> ranked pictures.
+"""The inference path: prompts -> tokens -> transformer -> image codes -> image tokenizer -> CLIP -> ranked pictures.
 
 `load_pipeline(dir)` reads a pipeline directory (what training writes into its run
-directory): `tokenizer.json`, `dvae/`, `transformer/` and, optionally, `clip/`. It checks
-that the stages fit together before anything runs. This module imports no training code
-(no accelerate, no datasets).
+directory): `tokenizer.json`, the image tokenizer (`dvae/` or `vqgan/`), `transformer/` and,
+optionally, `clip/`. It checks that the stages fit together before anything runs. This
+module imports no training code (no accelerate, no datasets).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from dalle.inference.imagine import Imagined, imagine
 from dalle.inference.sampling import sample_image_codes
 from dalle.inference.scoring import CLIPScorer, Scorer, rerank
 from dalle.models.clip import load_clip
-from dalle.models.dvae import DVAE, decode, encode, load_dvae
+from dalle.models.dvae import DVAE
+from dalle.models.image_tokenizer import ImageTokenizer, image_tokenizer_dir, load_image_tokenizer
 from dalle.models.transformer import DalleTransformer, load_transformer
 from dalle.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 
@@ -71,7 +72,8 @@ class Settings:
 
 
 class Pipeline:
-    """Tokenizer + transformer + dVAE (+ CLIP): call it with prompts to get ranked pictures.
+    """Tokenizer + transformer + image tokenizer (dVAE or VQGAN) (+ CLIP): call it with prompts to get
+    ranked pictures.
 
     Example:
         >>> import dalle
@@ -80,21 +82,27 @@ class Pipeline:
         >>> samples[0].image.save("best.png")
     """
 
-    def __init__(self, tokenizer: Tokenizer, transformer: DalleTransformer, dvae: DVAE, scorer: Scorer | None,
-                 directory: Path | None = None, sampling: SamplingConfig | None = None):
-        check_fit(tokenizer, transformer, dvae, scorer)
-        self.tokenizer, self.transformer, self.dvae, self.scorer = tokenizer, transformer, dvae, scorer
+    def __init__(self, tokenizer: Tokenizer, transformer: DalleTransformer, image_tokenizer: ImageTokenizer,
+                 scorer: Scorer | None, directory: Path | None = None, sampling: SamplingConfig | None = None):
+        check_fit(tokenizer, transformer, image_tokenizer, scorer)
+        self.tokenizer, self.transformer, self.scorer = tokenizer, transformer, scorer
+        self.image_tokenizer = image_tokenizer
         self.directory = directory
         self.sampling = sampling or SamplingConfig()  # what a call uses for the options it leaves out
         self.compile = False  # decode with the compiled static step (`load_pipeline(compile=True)`)
 
     @property
+    def dvae(self) -> ImageTokenizer:
+        """The image tokenizer, by its first name (a dVAE, or a VQGAN in a VQ pipeline)."""
+        return self.image_tokenizer
+
+    @property
     def image_size(self) -> int:
-        return self.dvae.config.image_size
+        return self.image_tokenizer.image_size
 
     @property
     def grid(self) -> int:
-        return self.dvae.config.grid_size
+        return self.image_tokenizer.grid
 
     @property
     def device(self) -> torch.device:
@@ -105,16 +113,16 @@ class Pipeline:
         return self.transformer.text_emb.weight.dtype
 
     def to(self, device: str | torch.device = "auto", dtype: str | torch.dtype | None = "auto") -> Pipeline:
-        """Moves the pipeline; the transformer runs in `dtype`, the dVAE and the CLIP stay in float32.
+        """Moves the pipeline; the transformer runs in `dtype`, the image tokenizer and the CLIP stay in float32.
 
-        The dVAE decoder stays in float32 because its last layers turn logits into pixels,
+        The image tokenizer's decoder stays in float32 because its last layers turn logits into pixels,
         where half precision bands smooth gradients; it runs once per picture, so it costs
         little. The CLIP stays in float32 so that its scores do not depend on the dtype.
         """
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         self.transformer.to(device=device, dtype=dtype)
-        self.dvae.to(device)
+        self.image_tokenizer.to(device)
         if isinstance(self.scorer, CLIPScorer | HFCLIPScorer):
             self.scorer.model.to(device)
             self.scorer.device = device
@@ -125,7 +133,7 @@ class Pipeline:
         if not isinstance(image, Image.Image):
             image = read_picture(image, what)
         pixels = pil_to_tensor(image, self.image_size)[None].to(self.device)  # (1, 3, S, S)
-        return encode(self.dvae, pixels).flatten(1)  # (1, N)
+        return self.image_tokenizer.encode(pixels).flatten(1)  # (1, N)
 
     def encode_prime(self, image: Image.Image | str | Path, rows: int) -> torch.Tensor:
         """The first `rows` grid rows of an image's codes, for priming: (1, rows * grid)."""
@@ -246,7 +254,7 @@ class Pipeline:
     def imagine(self, prompt: str, *, steps: int = 100, seed: int = 0, init: str = "random",
                 scorer: Scorer | None = None, lr: float = 0.2, cutouts: int = 8, frame_every: int = 0,
                 progress: bool = True) -> Imagined:
-        """A picture found by optimising the dVAE's codes for CLIP's score (`dalle.inference.imagine`).
+        """A picture found by optimising the image tokenizer's codes for CLIP's score (`dalle.inference.imagine`).
 
         `init="sample"` starts from the transformer's best of 16 samples; `scorer` defaults to
         the pipeline's CLIP."""
@@ -259,8 +267,8 @@ class Pipeline:
         start = None
         if init == "sample":
             start = self([prompt], candidates=16, keep=1, seed=seed)[0][0].codes
-        return imagine(self.dvae, scorer, prompt, steps=steps, seed=seed, init_codes=start, lr=lr, cutouts=cutouts,
-                       frame_every=frame_every, progress=progress)
+        return imagine(self.image_tokenizer, scorer, prompt, steps=steps, seed=seed, init_codes=start, lr=lr,
+                       cutouts=cutouts, frame_every=frame_every, progress=progress)
 
     # ----------------------------------------------------------------------------- the Hub
 
@@ -270,9 +278,12 @@ class Pipeline:
 
         Weights above `max_shard_size` are split into safetensors shards with an index;
         `metrics` (from `dalle eval`) and a `grid` of samples go into the card."""
+        if not isinstance(self.image_tokenizer, DVAE):  # hub.save_pipeline writes the tokenizer as dvae/
+            raise DalleError(f"save_pretrained writes dVAE pipelines; this one's image tokenizer is a "
+                             f"{self.image_tokenizer.kind}")
         clip_model = self.scorer.model if isinstance(self.scorer, CLIPScorer) else None
-        return save_pipeline(directory, self.tokenizer, self.transformer, self.dvae, clip_model, self.sampling,
-                             self.directory, max_shard_size, metrics, grid)
+        return save_pipeline(directory, self.tokenizer, self.transformer, self.image_tokenizer, clip_model,
+                             self.sampling, self.directory, max_shard_size, metrics, grid)
 
     def push_to_hub(self, repo: str, private: bool = False, token: str | None = None,
                     max_shard_size: int | str = "2GB", **card) -> str:
@@ -314,9 +325,9 @@ class Pipeline:
                                   stop=stop, compile_step=self.compile)
 
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """(C, N) codes -> (C, 3, S, S) pixels in [0, 1], through the float32 dVAE decoder."""
+        """(C, N) codes -> (C, 3, S, S) pixels in [0, 1], through the float32 image tokenizer's decoder."""
         with torch.inference_mode():
-            return decode(self.dvae, codes.view(-1, self.grid, self.grid)).float()
+            return self.image_tokenizer.decode(codes.view(-1, self.grid, self.grid)).float()
 
     def _rank(self, prompt: str, pixels: torch.Tensor, keep: int, rerank_with_clip: bool,
               codes: torch.Tensor) -> list[Sample]:
@@ -345,18 +356,20 @@ def check_request(prompts: list[str], candidates: int, keep: int, seed: int) -> 
             raise DalleError(f"a prompt may have at most {MAX_PROMPT_CHARS} characters, got {len(prompt)}")
 
 
-def check_fit(tokenizer: Tokenizer, transformer: DalleTransformer, dvae: DVAE, scorer: Scorer | None) -> None:
+def check_fit(tokenizer: Tokenizer, transformer: DalleTransformer, image_tokenizer: ImageTokenizer,
+              scorer: Scorer | None) -> None:
     """Names the first way the stages do not fit together."""
-    t, d = transformer.config, dvae.config
+    t, d = transformer.config, image_tokenizer
+    kind = {"dvae": "dVAE", "vqgan": "VQGAN"}.get(d.kind, d.kind)
     if t.text_vocab != tokenizer.total_vocab:
         raise CheckpointError(f"the transformer expects a text vocabulary of {t.text_vocab}, the tokenizer gives "
                               f"{tokenizer.total_vocab} ({tokenizer.vocab_size} BPE + {tokenizer.text_len} padding)")
     if t.image_vocab != d.codebook_size:
-        raise CheckpointError(f"the transformer expects {t.image_vocab} image codes, the dVAE has a codebook of "
+        raise CheckpointError(f"the transformer expects {t.image_vocab} image codes, the {kind} has a codebook of "
                               f"{d.codebook_size}")
-    if t.image_grid != d.grid_size:
-        raise CheckpointError(f"the transformer expects a {t.image_grid}x{t.image_grid} code grid, the dVAE makes "
-                              f"{d.grid_size}x{d.grid_size}")
+    if t.image_grid != d.grid:
+        raise CheckpointError(f"the transformer expects a {t.image_grid}x{t.image_grid} code grid, the {kind} makes "
+                              f"{d.grid}x{d.grid}")
     if isinstance(scorer, CLIPScorer):  # our CLIP reads captions with its own tokenizer (maybe another length)
         c, clip_tokenizer = scorer.model.config, scorer.tokenizer
         if c.text_vocab != clip_tokenizer.total_vocab or c.text_len != clip_tokenizer.text_len:
@@ -369,7 +382,7 @@ def load_pipeline(directory: str | Path, clip: str | None = None, device: str | 
     """Loads a pipeline directory, or `hf:USER/REPO` from the Hugging Face Hub (or its local cache).
 
     Args:
-        directory: holds tokenizer.json, dvae/, transformer/ and optionally clip/.
+        directory: holds tokenizer.json, dvae/ (or vqgan/), transformer/ and optionally clip/.
         clip: another CLIP to rerank with: `hf:NAME_OR_DIR` or a CLIP model directory.
         device: auto (CUDA when there is a GPU), cpu, cuda or cuda:N.
         dtype: the transformer's precision: auto (bf16 on a GPU, float32 on the CPU),
@@ -382,16 +395,17 @@ def load_pipeline(directory: str | Path, clip: str | None = None, device: str | 
     directory = snapshot_of(directory) if str(directory).startswith(HF_PREFIX) else Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"pipeline directory not found: {directory}")
-    for part in (TOKENIZER_FILE, "dvae", "transformer"):
+    for part in (TOKENIZER_FILE, "transformer"):
         if not (directory / part).exists():
             raise CheckpointError(f"{directory} is not a pipeline directory: {part} is missing")
+    image_dir = image_tokenizer_dir(directory)  # dvae/ or vqgan/
     transformer = load_transformer(directory / "transformer").to(device)
     tokenizer = load_tokenizer(directory / TOKENIZER_FILE, transformer.config.text_len)
-    dvae = load_dvae(directory / "dvae").to(device)
+    image_tokenizer = load_image_tokenizer(image_dir).to(device)
     scorer = None
     if clip is not None or (directory / "clip").is_dir():
         scorer = load_scorer_for(directory, clip, device=device)
-    pipeline = Pipeline(tokenizer, transformer, dvae, scorer, directory, read_sampling_defaults(directory))
+    pipeline = Pipeline(tokenizer, transformer, image_tokenizer, scorer, directory, read_sampling_defaults(directory))
     pipeline.compile = compile
     return pipeline.to(device, dtype)
 

@@ -138,13 +138,36 @@ class Decoder(nn.Module):
 
 
 class DVAE(nn.Module):
-    """Encoder + decoder + the paper's training objective. Returns losses, not pictures."""
+    """Encoder + decoder + the paper's training objective. Returns losses, not pictures; `encode`
+    and `decode` map pictures in [0, 1] to codes and back (the `ImageTokenizer` interface)."""
+
+    kind = KIND
 
     def __init__(self, config: DVAEConfig):
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    @property
+    def grid(self) -> int:
+        return self.config.grid_size
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Pictures (B, C, H, W) in [0, 1] -> int64 codes (B, h, w) (the module's `encode`)."""
+        return encode(self, images)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """int64 codes (B, h, w) -> pictures (B, C, H, W) in [0, 1] (the module's `decode`)."""
+        return decode(self, codes)
 
     def forward(self, images: torch.Tensor, temperature: float, kl_weight: float) -> dict[str, torch.Tensor]:
         """One training (or validation) pass through the relaxed codes.

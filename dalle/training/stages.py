@@ -1,11 +1,12 @@
-"""The three training stages, each a plain function: data in, a model directory out.
+"""The training stages, each a plain function: data in, a model directory out.
 
-`train_dvae`, `train_clip` and `train_transformer` build their model from the config,
-turn the data source into deterministic batches (`dalle.training.batches`), and hand both
-with a step function to the one loop, `dalle.training.loop.fit`. They write into the run
-directory, which is also the pipeline directory that `dalle.load_pipeline` reads:
+`train_dvae` (or `train_vqgan`, as `image_tokenizer` says), `train_clip` and
+`train_transformer` build their model from the config, turn the data source into
+deterministic batches (`dalle.training.batches`), and hand both with a step function to the
+one loop, `dalle.training.loop.fit`. They write into the run directory, which is also the
+pipeline directory that `dalle.load_pipeline` reads:
 
-  run_dir/tokenizer.json, run_dir/dvae/, run_dir/clip/, run_dir/transformer/
+  run_dir/tokenizer.json, run_dir/dvae/ (or run_dir/vqgan/), run_dir/clip/, run_dir/transformer/
 
 They do not evaluate what they trained: the CLI and the demo compose "train, then
 evaluate" (`dalle.evaluation.stages`).
@@ -22,6 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
 from tqdm.auto import tqdm
 
 from dalle.checkpoint import atomic_directory
@@ -32,8 +35,10 @@ from dalle.errors import DalleError
 from dalle.images import to_float
 from dalle.inference.pipeline import write_sampling_defaults
 from dalle.models.clip import CLIP
-from dalle.models.dvae import DVAE, encode, kl_weight_at, load_dvae, temperature_at
+from dalle.models.dvae import DVAE, kl_weight_at, temperature_at
+from dalle.models.image_tokenizer import KINDS, load_image_tokenizer
 from dalle.models.transformer import DalleTransformer, drop_captions
+from dalle.models.vqgan import VQGAN, save_vqgan, to_signed
 from dalle.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, train_bpe
 from dalle.training.batches import MappedBatches, TableBatches, image_caption_batches
 from dalle.training.loop import FitResult, fit
@@ -74,7 +79,9 @@ def prepare_tokenizer(config: Config, retrain: bool = False) -> Tokenizer:
 # ----------------------------------------------------------------------------- every stage
 
 
-STAGES = ("tokenizer", "dvae", "clip", "transformer")
+def stage_names(config: Config) -> tuple[str, ...]:
+    """The stages of a run, in order; the image tokenizer's is its kind (its directory): dvae or vqgan."""
+    return ("tokenizer", config.image_tokenizer, "clip", "transformer")
 
 
 def is_trained(config: Config, stage: str) -> bool:
@@ -87,17 +94,23 @@ def train_all(config: Config, progress: bool = True, retrain_tokenizer: bool = F
     """Trains every stage of `config` that its run directory does not hold yet, in order; resumable.
 
     The tokenizer is copied from `tokenizer.path` (trained on the captions when that file is
-    missing, or when `retrain_tokenizer`); the dVAE is copied from `dvae.pretrained` when set.
-    Returns, per stage trained now, its summary with `seconds`; stages already there are left
-    out. A killed run resumes each stage from its last checkpoint when called again.
+    missing, or when `retrain_tokenizer`); the image tokenizer is copied from `dvae.pretrained`
+    (`vqgan.pretrained`) when set. Returns, per stage trained now, its summary with `seconds`;
+    stages already there are left out. A killed run resumes each stage from its last checkpoint
+    when called again.
     """
+    kind = config.image_tokenizer
+    other = next(k for k in KINDS if k != kind)
+    if (Path(config.run_dir) / other).exists():  # its CLIP and transformer would be kept as if trained for this one
+        raise DalleError(f"{config.run_dir} holds a {other}, the config's image_tokenizer is {kind}: "
+                         "use another --run-dir")
     done: dict[str, dict[str, Any]] = {}
     work = {"tokenizer": lambda: prepare_tokenizer(config, retrain=retrain_tokenizer) and {},
-            "dvae": lambda: use_pretrained_dvae(config) if config.dvae.pretrained else train_dvae(config,
-                                                                                                progress=progress),
+            kind: lambda: (use_pretrained(config) if pretrained_of(config)
+                           else train_image_tokenizer(config, progress=progress)),
             "clip": lambda: train_clip(config, progress=progress),
             "transformer": lambda: train_transformer(config, progress=progress)}
-    for stage in STAGES:
+    for stage in stage_names(config):
         if is_trained(config, stage):
             log.info("[%s] already trained in %s, kept", stage, config.run_dir)
             continue
@@ -109,18 +122,33 @@ def train_all(config: Config, progress: bool = True, retrain_tokenizer: bool = F
     return done
 
 
-def use_pretrained_dvae(config: Config) -> dict[str, Any]:
-    """Copies the converted dVAE of `dvae.pretrained` into the run as run_dir/dvae (checked first)."""
-    source = Path(config.dvae.pretrained)
-    dvae = load_dvae(source)  # a one-line error if it is not a dVAE directory
-    if dvae.config.image_size != config.data.size:
-        raise DalleError(f"the pretrained dVAE in {source} reads {dvae.config.image_size}-px pictures, "
+def pretrained_of(config: Config) -> str:
+    """The converted image tokenizer the config names (`dvae.pretrained` or `vqgan.pretrained`); "" if none."""
+    return config.vqgan.pretrained if config.image_tokenizer == "vqgan" else config.dvae.pretrained
+
+
+def use_pretrained(config: Config) -> dict[str, Any]:
+    """Copies the converted image tokenizer of `dvae.pretrained` (`vqgan.pretrained`) into the run
+    as run_dir/dvae (run_dir/vqgan), checked first."""
+    source, kind = Path(pretrained_of(config)), config.image_tokenizer
+    model = load_image_tokenizer(source)  # a one-line error if it is not a model directory
+    if model.kind != kind:
+        raise DalleError(f"{kind}.pretrained names a {model.kind} ({source}); image_tokenizer is {kind}")
+    if model.image_size != config.data.size:
+        raise DalleError(f"the pretrained {kind} in {source} reads {model.image_size}-px pictures, "
                          f"data.size is {config.data.size}")
-    with atomic_directory(Path(config.run_dir) / "dvae") as tmp:
+    with atomic_directory(Path(config.run_dir) / kind) as tmp:
         for path in source.iterdir():
             if path.is_file():
                 shutil.copyfile(path, tmp / path.name)
-    return {"pretrained": str(source), "grid": dvae.config.grid_size, "codebook_size": dvae.config.codebook_size}
+    return {"pretrained": str(source), "grid": model.grid, "codebook_size": model.codebook_size}
+
+
+def train_image_tokenizer(config: Config, resume: str | None = "auto", progress: bool = True,
+                          stop_after: int | None = None) -> dict[str, Any]:
+    """Trains the run's image tokenizer: `train_dvae` or `train_vqgan`, as `image_tokenizer` says."""
+    train = train_vqgan if config.image_tokenizer == "vqgan" else train_dvae
+    return train(config, resume=resume, progress=progress, stop_after=stop_after)
 
 
 # ----------------------------------------------------------------------------- dVAE
@@ -143,6 +171,83 @@ def train_dvae(config: Config, resume: str | None = "auto", progress: bool = Tru
 
     result = fit(model, batches, step_fn, train, config.run_dir, "dvae", resume=resume,
                  items_per_batch=lambda b: len(b["images"]), progress=progress, stop_after=stop_after)
+    return _summary(result)
+
+
+# ----------------------------------------------------------------------------- VQGAN
+
+
+class CodebookRestarts(nn.Module):
+    """A VQGAN in training whose dead codes come back: a code unused for `after` steps in a row
+    is moved onto a random encoder output of the batch, where it is used at once.
+
+    The counts are a buffer, so a training checkpoint keeps them (a resumed run restarts the
+    same codes); the VQGAN saved at the end is `self.model` alone. With several processes, the
+    counts are summed over all of them and process 0's new codebook vectors are sent to all.
+    """
+
+    def __init__(self, model: VQGAN, after: int):
+        super().__init__()
+        self.model, self.config, self.after = model, model.config, after
+        self.register_buffer("unused_steps", torch.zeros(model.codebook_size, dtype=torch.long))
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.model.latents(to_signed(images))  # (B, D, h, w)
+        restarted = self.restart(z.detach()) if self.training and self.after else 0
+        out = self.model.losses(images, z)
+        used = torch.bincount(out["codes"].flatten(), minlength=self.model.codebook_size)  # (K,)
+        if self.training:
+            if _distributed():
+                dist.all_reduce(used)
+            self.unused_steps.copy_(torch.where(used > 0, 0, self.unused_steps + 1))
+        out["restarted"] = torch.tensor(float(restarted))
+        out["codes_used"] = (used > 0).float().mean()
+        return out
+
+    @torch.no_grad()
+    def restart(self, z: torch.Tensor) -> int:
+        """Moves the codes unused for `after` steps onto random rows of z (B, D, h, w); returns how many."""
+        dead = (self.unused_steps >= self.after).nonzero().flatten()  # (n,)
+        if len(dead) == 0:
+            return 0
+        rows = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()  # (B*h*w, D)
+        pick = (torch.randperm(len(rows), device=rows.device)[: len(dead)] if len(dead) <= len(rows)
+                else torch.randint(len(rows), (len(dead),), device=rows.device))
+        fresh = rows[pick].contiguous()  # (n, D)
+        if _distributed():
+            dist.broadcast(fresh, src=0)
+        self.model.quantize.embedding.weight[dead] = fresh.to(self.model.quantize.embedding.weight.dtype)
+        self.unused_steps[dead] = 0
+        return len(dead)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def train_vqgan(config: Config, resume: str | None = "auto", progress: bool = True, stop_after: int | None = None):
+    """Trains the VQGAN (vq quantizer) on the data's images and writes run_dir/vqgan; returns the run's summary.
+
+    The loss is pixel MSE + `edge_weight` * edge MSE + the quantizer's loss; codes unused for
+    `dead_code_steps` steps restart (`CodebookRestarts`). No discriminator, no LPIPS."""
+    c = config.vqgan
+    if c.resolution != config.data.size:
+        raise DalleError(f"vqgan.resolution ({c.resolution}) must equal data.size ({config.data.size})")
+    if c.quantizer != "vq":
+        raise DalleError("train-vae trains VQGANs with vqgan.quantizer: vq; a gumbel VQGAN is imported "
+                         "(dalle convert vqgan) and named by vqgan.pretrained")
+    train = config.train.vqgan
+    torch.manual_seed(train.seed)
+    model = CodebookRestarts(VQGAN(c), c.dead_code_steps)
+    batches = image_caption_batches(config, train, progress)
+
+    def step_fn(model, batch, step):
+        out = model(to_float(batch["images"]))
+        return {k: v for k, v in out.items() if k in ("loss", "recon_loss", "vq_loss", "edge_loss", "restarted",
+                                                       "codes_used")}
+
+    result = fit(model, batches, step_fn, train, config.run_dir, "vqgan", lambda m, d: save_vqgan(m.model, d),
+                 resume=resume, items_per_batch=lambda b: len(b["images"]), progress=progress, stop_after=stop_after)
     return _summary(result)
 
 
@@ -182,22 +287,24 @@ def train_clip(config: Config, resume: str | None = "auto", progress: bool = Tru
 
 def train_transformer(config: Config, resume: str | None = "auto", progress: bool = True,
                       stop_after: int | None = None):
-    """Trains the transformer on (caption, frozen-dVAE codes) and writes run_dir/transformer."""
+    """Trains the transformer on (caption, frozen image tokenizer's codes) and writes run_dir/transformer."""
     run_dir = Path(config.run_dir)
-    if not (run_dir / "dvae" / "config.json").is_file():
-        raise DalleError(f"no trained dVAE in {run_dir / 'dvae'}: run `dalle train-vae` with this run_dir first")
-    dvae = load_dvae(run_dir / "dvae")
+    image_dir = run_dir / config.image_tokenizer
+    if not (image_dir / "config.json").is_file():
+        raise DalleError(f"no trained {config.image_tokenizer} in {image_dir}: run `dalle train-vae` with this "
+                         "run_dir first")
+    image_tokenizer = load_image_tokenizer(image_dir)
     tokenizer = prepare_tokenizer(config)
     train_tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE, tokenizer.text_len, config.tokenizer.bpe_dropout)
     model_config = replace(config.transformer, text_len=tokenizer.text_len, text_vocab=tokenizer.total_vocab,
-                           image_vocab=dvae.config.codebook_size, image_grid=dvae.config.grid_size)
+                           image_vocab=image_tokenizer.codebook_size, image_grid=image_tokenizer.grid)
     train = config.train.transformer
     torch.manual_seed(train.seed)
     model = DalleTransformer(model_config)
 
     def codes_of(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():  # not inference_mode: these codes are inputs of autograd later
-            return encode(dvae, to_float(images)).flatten(1)  # (B, h*w)
+            return image_tokenizer.encode(to_float(images)).flatten(1)  # (B, h*w)
 
     batches = image_caption_batches(config, train, progress)
     if isinstance(batches, TableBatches):  # a fixed table: encode every picture once
@@ -218,7 +325,7 @@ def train_transformer(config: Config, resume: str | None = "auto", progress: boo
 
     write_sampling_defaults(run_dir, config.sampling)  # how the pipeline samples unless told otherwise
     tokens = model_config.text_len + model_config.image_grid**2
-    preview = sample_preview(config, tokenizer, dvae, run_dir, train.sample_every)
+    preview = sample_preview(config, tokenizer, image_tokenizer, run_dir, train.sample_every)
     result = fit(model, batches, step_fn, train, run_dir, "transformer", resume=resume,
                  items_per_batch=lambda b: len(b["codes"]) * tokens, on_log=preview, progress=progress,
                  stop_after=stop_after)
