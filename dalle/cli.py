@@ -37,6 +37,7 @@ from dalle.commands import (
     train_vae,
 )
 from dalle.errors import user_message
+from dalle.inference.devices import choose_threads
 
 # ----------------------------------------------------------------------------- the parser
 
@@ -269,12 +270,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="dalle", description="DALL-E 1: dVAE, transformer, CLIP reranking.")
     parser.add_argument("--version", action="version", version=f"dalle {__version__}")
     parser.add_argument("--quiet", action="store_true", help="only warnings and errors on stderr")
+    parser.add_argument("--threads", default="auto", help=THREADS_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _data_parsers(commands)
     _training_parsers(commands)
     _inference_parsers(commands)
     _evaluation_parsers(commands)
+    for command in commands.choices.values():  # `dalle train --threads 1` as well as `dalle --threads 1 train`
+        command.add_argument("--threads", default=argparse.SUPPRESS, help=THREADS_HELP)
     return parser
+
+
+THREADS_HELP = ("torch threads on the CPU: auto (all cores when a start-up probe finds them faster than one, "
+                "1 on a busy machine; DALLE_THREADS overrides) or a count")
 
 
 def run(args: argparse.Namespace) -> object:
@@ -302,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         return exit.code if isinstance(exit.code, int) else 2
     setup_logging(args.quiet)
     try:
+        threads = choose_threads(args.threads)
+        logging.getLogger("dalle").debug("torch threads: %d", threads)
         run(args)
     except KeyboardInterrupt:
         print("dalle: interrupted", file=sys.stderr)

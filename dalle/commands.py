@@ -244,7 +244,7 @@ def generate(model: str, out: str, prompt: list[str] | None = None, prompts_file
                 "rerank_with_clip": rerank == "clip", "batch_size": batch_size}
     with lock_directory(out):
         results = Results(Path(out))
-        for index, text in enumerate(tqdm(prompts, desc="prompts", disable=len(prompts) < 2)):
+        for index, text in enumerate(tqdm(prompts, desc=f"prompts [{pipeline.where()}]", disable=len(prompts) < 2)):
             if frames:
                 steps = list(pipeline.stream(text, candidates=candidates, keep=keep, seed=seed + index,
                                              every_rows=every_rows, **sampling))

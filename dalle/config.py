@@ -277,7 +277,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0
     grad_accum: int = 1
-    mixed_precision: str | None = None  # no | bf16 | fp16; None: the launch configuration decides
+    # auto: bf16 where it is faster (a GPU with bf16; a CPU where a start-up probe says so),
+    # else fp32, unless `accelerate launch --mixed_precision` says; no | bf16 | fp16; null: the launch
+    mixed_precision: str | None = "auto"
     ema: float = 0.0  # 0 disables the exponential moving average of weights
     log_every: int = 50
     sample_every: int = 0  # 0 disables sample grids during training
@@ -299,8 +301,8 @@ class TrainConfig:
         _check(self.sample_every >= 0 and self.checkpoint_every >= 0 and self.num_workers >= 0,
                "train.sample_every/checkpoint_every/num_workers", "must be >= 0")
         _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
-        _check(self.mixed_precision in (None, "no", "bf16", "fp16"), "train.mixed_precision",
-               "must be no, bf16, fp16 or null (the launch configuration decides)")
+        _check(self.mixed_precision in (None, "auto", "no", "bf16", "fp16"), "train.mixed_precision",
+               "must be auto, no, bf16, fp16 or null (the launch configuration decides)")
         _check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "train.betas",
                "must hold two numbers in [0, 1)")
         _check(0.0 <= self.ema < 1.0, "train.ema", "must be in [0, 1)")

@@ -10,13 +10,23 @@ vocabularies, the paper's per-layer attention pattern) and are measured on:
 - `sample_guided`: the same with classifier-free guidance (`--cond-scale`);
 - `dvae`: each side's own discrete VAE, one training step (same image size, grid,
   codebook and base width; the architectures differ, see the parameter counts);
+- `train_bf16`: `train` under bf16 autocast, only on a host whose CPU has bf16 units (our
+  start-up rule, `dalle.inference.devices.cpu_prefers_bf16`, says whether it has);
 - peak memory of every measurement above.
+
+Before them, the host: the fp32 and bf16 GFLOP/s of a large matmul at the benchmark's
+thread count (its peak), and from our training tokens/s the model math it achieves
+(6 x non-embedding parameters + 12 x layers x width x sequence FLOPs per token, the
+usual count with dense attention), so `training_peak_fraction` is on the page.
 
 Every measurement runs in a fresh subprocess (ours with this interpreter and
 `--ours-root` on PYTHONPATH, the peer with `.venv-peer/bin/python`, made by
 `scripts/setup_peer.sh`), and the order is interleaved: ours, peer, ours, peer, ... so that
-load from other processes on the machine falls on both sides alike. Throughput is the
-best of `--repeats`; memory is the largest of `--repeats`.
+load from other processes on the machine falls on both sides alike. Both sides run the
+same torch thread count (`--threads`, printed). Each training figure is timed over
+`--train-steps` steps after `--warmup-steps` untimed ones (the peer warms up more slowly:
+three steps flattered us by 25 %). Throughput is the median of `--repeats` runs, with
+the spread (max - min) / median beside it; memory is the largest of the repeats.
 
 Peak memory: the kernel's resident-set high-water mark (VmHWM), reset through
 /proc/self/clear_refs after the imports, so it covers exactly what the measurement
@@ -27,7 +37,8 @@ side imports. `workload_mib` = peak - the resident size at the reset; both numbe
 the raw output.
 
 Output: a Markdown table, then, as the very last line, one JSON object with
-`sampling_ratio`, `sampling_guided_ratio`, `training_ratio`, `memory_ratio`, `dvae_ratio`
+`sampling_ratio`, `sampling_guided_ratio`, `training_ratio`, `memory_ratio`, `dvae_ratio`,
+`dvae_memory_ratio`, `training_peak_fraction` and, on a bf16 host, `training_ratio_bf16`
 (ours / peer: for throughput higher is better for us, for memory lower is) beside every
 raw figure.
 
@@ -50,7 +61,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = ("train", "sample", "sample_guided", "dvae")
+TASKS = ("train", "sample", "sample_guided", "dvae", "train_bf16")
 SIDES = ("ours", "peer")
 
 # Our pattern names -> dalle-pytorch's attn_types. The peer's axial layers attend within
@@ -161,6 +172,40 @@ def _train_result(seconds_per_step: float, spec: dict, params: int) -> dict:
     return {"step_s": seconds_per_step, "tokens_per_s": tokens / seconds_per_step, "params": params}
 
 
+def _autocast(task: str):
+    """bf16 autocast for `train_bf16`, nothing for the other tasks."""
+    import contextlib
+
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16) if task == "train_bf16" else contextlib.nullcontext()
+
+
+def model_flops_per_token(model, spec: dict) -> int:
+    """Training FLOPs per token of our transformer: 6 x the parameters a token's math uses (the
+    blocks, the final norm and one output head; not the embedding tables, which are lookups)
+    + 12 x layers x width x sequence length (QK^T and AV, forward and backward, dense)."""
+    embeddings = ("text_pos", "image_row", "image_col", "text_emb.", "image_emb.", "text_head.")
+    used = sum(p.numel() for name, p in model.named_parameters() if not name.startswith(embeddings))
+    sequence = spec["text_len"] + spec["image_len"]
+    return 6 * used + 12 * spec["depth"] * spec["dim"] * sequence
+
+
+def measure_host(spec: dict) -> dict:
+    """The host's matmul peak at the benchmark's thread count: fp32 at 2048 x 2048, bf16 at
+    1024 x 1024 (256 x 256 on a CPU without bf16 units, where it runs at a few GFLOP/s), and
+    our precision rule."""
+    import torch
+
+    from dalle.inference.devices import cpu_prefers_bf16, matmul_gflops
+
+    torch.set_num_threads(spec["threads"])
+    return {"fp32_gflops": round(matmul_gflops(torch.float32, size=2048, seconds=1.0), 1),
+            "bf16_gflops": round(matmul_gflops(torch.bfloat16, size=1024 if cpu_prefers_bf16() else 256,
+                                               seconds=1.0), 1),
+            "prefers_bf16": cpu_prefers_bf16(), "threads": torch.get_num_threads()}
+
+
 class _OverBudget(Exception):
     """Raised from inside a sampling loop when `sample_budget` seconds have passed."""
 
@@ -234,25 +279,30 @@ def measure_ours(task: str, spec: dict) -> dict:
 
     from dalle.models.transformer import DalleTransformer
 
+    if task == "host":
+        return measure_host(spec)
     config = TransformerConfig(
         dim=spec["dim"], depth=spec["depth"], heads=spec["heads"], mlp_ratio=spec["ours_mlp_ratio"],
         attention=list(spec["attention"]), conv_kernel=spec["conv_kernel"], caption_dropout=0.0,
         text_len=spec["text_len"], text_vocab=spec["text_vocab"] + spec["text_len"],
         image_vocab=spec["image_vocab"], image_grid=spec["grid"])
     model = DalleTransformer(config)
-    if task == "train":
+    if task in ("train", "train_bf16"):
         text, codes = _inputs(spec, spec["train_batch"])
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"])
 
         def step():
-            loss = model(text, codes)["loss"]
+            with _autocast(task):
+                loss = model(text, codes)["loss"]
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
         result = _train_result(_time_train_steps(step, spec), spec, _params(model))
-        return {**result, **read_peak(mark)}
+        flops = model_flops_per_token(model, spec)
+        result["model_gflops"] = round(flops * result["tokens_per_s"] / 1e9, 2)
+        return {**result, "flops_per_token": flops, **read_peak(mark)}
 
     from dalle.inference.sampling import sample_image_codes
 
@@ -356,7 +406,7 @@ def measure_peer(task: str, spec: dict) -> dict:
         result = _dvae_result(_time_train_steps(step, _dvae_steps(spec)), spec, _params(vae))
         return {**result, **extra, **read_peak(mark)}
 
-    sampling = task != "train"
+    sampling = task in ("sample", "sample_guided")
     optimize_for_inference = sampling and spec["peer_inference"] == "masked"
     vae = _peer_vae(dalle_pytorch, spec, for_dalle=True)
     model = dalle_pytorch.DALLE(
@@ -366,13 +416,14 @@ def measure_peer(task: str, spec: dict) -> dict:
         optimize_for_inference=optimize_for_inference)
     params = _params(model) - _params(vae)  # the frozen VAE is not part of the transformer
     extra["optimize_for_inference"] = optimize_for_inference
-    if task == "train":
+    if task in ("train", "train_bf16"):
         text, codes = _inputs(spec, spec["train_batch"])
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec["lr"])
 
         def step():
-            loss = model(text, codes, return_loss=True)
+            with _autocast(task):
+                loss = model(text, codes, return_loss=True)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -471,8 +522,20 @@ def best(results: list[dict], key: str, pick=max) -> float | None:
     return pick(values) if values else None
 
 
-def summarise(raw: list[dict], spec: dict) -> dict:
-    """Best-of-repeats figures per side and task, and the ours / peer ratios."""
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def spread(values: list[float]) -> float | None:
+    """(max - min) / median of the repeats: how far one run may be from another."""
+    return round((max(values) - min(values)) / median(values), 3) if len(values) > 1 and median(values) else None
+
+
+def summarise(raw: list[dict], spec: dict, host: dict | None = None) -> dict:
+    """Median-of-repeats throughput (with its spread) and largest memory per side and task,
+    and the ours / peer ratios."""
     figures: dict[str, dict] = {side: {} for side in SIDES}
     for task in TASKS:
         for side in SIDES:
@@ -480,8 +543,12 @@ def summarise(raw: list[dict], spec: dict) -> dict:
             if not runs:
                 continue
             key = "images_per_s" if task == "dvae" else "tokens_per_s"
-            entry = {key: best(runs, key), "workload_mib": best(runs, "workload_mib"),
+            values = [r[key] for r in runs if key in r]
+            entry = {key: median(values) if values else None, "spread": spread(values) if values else None,
+                     "runs": values, "workload_mib": best(runs, "workload_mib"),
                      "peak_rss_mib": best(runs, "peak_rss_mib"), "params": best(runs, "params")}
+            if any("model_gflops" in r for r in runs):
+                entry["model_gflops"] = median([r["model_gflops"] for r in runs if "model_gflops" in r])
             if any(r.get("partial") for r in runs):
                 entry["partial"] = True
             errors = [r["error"] for r in runs if "error" in r]
@@ -500,6 +567,8 @@ def summarise(raw: list[dict], spec: dict) -> dict:
         return max(values) if values else None
 
     ours_mem, peer_mem = transformer_memory("ours"), transformer_memory("peer")
+    achieved = figures["ours"].get("train", {}).get("model_gflops")
+    peak = (host or {}).get("fp32_gflops")
     return {
         "sampling_ratio": ratio("sample", "tokens_per_s"),
         "sampling_guided_ratio": ratio("sample_guided", "tokens_per_s"),
@@ -508,12 +577,16 @@ def summarise(raw: list[dict], spec: dict) -> dict:
         "memory_ratio_train": ratio("train", "workload_mib"),
         "memory_ratio_sample": ratio("sample", "workload_mib"),
         "dvae_ratio": ratio("dvae", "images_per_s"),
+        "dvae_memory_ratio": ratio("dvae", "workload_mib"),
+        "training_peak_fraction": round(achieved / peak, 3) if achieved and peak else None,
+        "training_ratio_bf16": ratio("train_bf16", "tokens_per_s"),
         "ours": figures["ours"], "peer": figures["peer"],
     }
 
 
 def markdown(summary: dict, spec: dict) -> str:
     rows = [("transformer training, tokens/s", "train", "tokens_per_s"),
+            ("transformer training under bf16 autocast, tokens/s", "train_bf16", "tokens_per_s"),
             (f"sampling batch {spec['sample_batch']}, image tokens/s", "sample", "tokens_per_s"),
             (f"sampling with guidance (scale {spec['cond_scale']}), image tokens/s", "sample_guided", "tokens_per_s"),
             ("dVAE training, images/s", "dvae", "images_per_s"),
@@ -527,16 +600,21 @@ def markdown(summary: dict, spec: dict) -> str:
     for label, task, key in rows:
         ours = summary["ours"].get(task, {})
         peer = summary["peer"].get(task, {})
+        if not ours and not peer:
+            continue
         a, b = ours.get(key), peer.get(key)
         r = f"{a / b:.2f}x" if a is not None and b else "-"
-        lines.append(f"| {label} | {_cell(a, ours)} | {_cell(b, peer)} | {r} |")
+        spread_shown = key.endswith("_per_s")
+        lines.append(f"| {label} | {_cell(a, ours, spread_shown)} | {_cell(b, peer, spread_shown)} | {r} |")
     return "\n".join(lines)
 
 
-def _cell(value, entry: dict) -> str:
+def _cell(value, entry: dict, with_spread: bool = False) -> str:
     if value is None:
         return "error" if entry.get("error") else "-"
     text = f"{value:,.1f}" if isinstance(value, float) else f"{value:,}"
+    if with_spread and entry.get("spread") is not None:
+        text += f" ±{100 * entry['spread'] / 2:.0f}%"
     return text + (" (partial)" if entry.get("partial") else "")
 
 
@@ -556,21 +634,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     size.add_argument("--dvae-hidden", type=int, default=64)
     work = parser.add_argument_group("the measurements")
     work.add_argument("--train-batch", type=int, default=8)
-    work.add_argument("--train-steps", type=int, default=3)
-    work.add_argument("--warmup-steps", type=int, default=1)
+    work.add_argument("--train-steps", type=int, default=20, help="timed steps per training measurement")
+    work.add_argument("--warmup-steps", type=int, default=3, help="untimed steps before them")
     work.add_argument("--sample-batch", type=int, default=8)
     work.add_argument("--cond-scale", type=float, default=3.0)
-    work.add_argument("--sample-budget", type=float, default=900,
+    work.add_argument("--sample-budget", type=float, default=60,
                       help="seconds one sampling run may take; a slower run reports its partial rate")
     work.add_argument("--dvae-batch", type=int, default=8)
-    work.add_argument("--dvae-steps", type=int, default=3)
+    work.add_argument("--dvae-steps", type=int, default=20)
     work.add_argument("--peer-inference", choices=("sparse", "masked"), default="masked",
                       help="peer's sampling model: its sparse layers, or optimize_for_inference=True "
                            "(dense masked attention that its cache can hold)")
-    work.add_argument("--repeats", type=int, default=1, help="rounds of (ours, peer) per measurement")
-    work.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    work.add_argument("--repeats", type=int, default=3, help="rounds of (ours, peer) per measurement")
+    work.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS),
+                      help="train_bf16 runs only where the host's CPU has bf16 units")
     work.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
-    work.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    work.add_argument("--threads", type=int, default=1,
+                      help="torch threads on both sides; 1 is steady on a shared 2-core machine, where a "
+                           "second thread waits on a descheduled core at every op")
     work.add_argument("--seed", type=int, default=0)
     work.add_argument("--worker-timeout", type=int, default=1800)
     where = parser.add_argument_group("the interpreters")
@@ -578,7 +659,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     where.add_argument("--ours-python", default=None, help="default: this interpreter")
     where.add_argument("--peer-python", default=None, help="default: .venv-peer/bin/python")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
-    parser.add_argument("--task", choices=TASKS, help=argparse.SUPPRESS)
+    parser.add_argument("--task", choices=TASKS + ("host",), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -592,23 +673,34 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     load_start = os.getloadavg()
     peer_imports = probe_peer_imports(args) if "peer" in args.sides else {}
+    host = run_worker("ours", "host", spec, args)
+    print(f"[bench] host at {spec['threads']} thread(s): {json.dumps(host)}", file=sys.stderr, flush=True)
+    tasks = [t for t in args.tasks if t != "train_bf16" or host.get("prefers_bf16")]
     raw = []
     # Interleaved: for each repeat and task, ours then peer, each in a fresh process.
     for repeat in range(args.repeats):
-        for task in args.tasks:
+        for task in tasks:
             for side in args.sides:
                 result = run_worker(side, task, spec, args)
                 raw.append({"repeat": repeat, "task": task, "side": side, "result": result})
                 shown = {k: v for k, v in result.items() if k in ("tokens_per_s", "images_per_s", "seconds", "step_s",
                                                                     "workload_mib", "partial", "error")}
                 print(f"[bench] {task:>13} {side:>4} #{repeat}: {json.dumps(shown)}", file=sys.stderr, flush=True)
-    summary = summarise(raw, spec)
+    summary = summarise(raw, spec, host)
     load = {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()],
             "cpus": os.cpu_count()}
     print(markdown(summary, spec))
     print()
-    print(f"Threads: {spec['threads']}; throughput is the best of {args.repeats} run(s), memory the largest; "
-          f"peak memory = resident high-water mark over the post-import base (see the module doc).")
+    print(f"Threads: {spec['threads']} on both sides; throughput is the median of {args.repeats} run(s) "
+          f"(± half their spread), memory the largest; peak memory = resident high-water mark over the "
+          f"post-import base (see the module doc).")
+    if "fp32_gflops" in host:
+        achieved = summary["ours"].get("train", {}).get("model_gflops")
+        print(f"Host: a 2048 x 2048 fp32 matmul runs at {host['fp32_gflops']} GFLOP/s, a bf16 one at "
+              f"{host['bf16_gflops']} GFLOP/s; our training step does {achieved} GFLOP/s of model math "
+              f"({summary['training_peak_fraction']} of the fp32 peak). Precision rule: "
+              f"{'bf16 (faster here)' if host['prefers_bf16'] else 'fp32 (bf16 is not faster here)'}"
+              f"{'' if host['prefers_bf16'] else ', so train_bf16 was not run'}.")
     if max(load["start"][0], load["end"][0]) > (os.cpu_count() or 1):
         # Measured here: with 2 threads on 2 busy cores, a decode step (many small ops) waits
         # on a descheduled thread at every op, and the same sampling run varied 4-20x.
@@ -618,9 +710,11 @@ def main(argv: list[str] | None = None) -> None:
     if "peer" in args.sides:
         print("Peer stand-ins: taming.models.vqgan (real import: "
               f"{peer_imports.get('taming.models.vqgan', '?')}).")
-    out = {**{k: summary[k] for k in ("sampling_ratio", "sampling_guided_ratio", "training_ratio", "memory_ratio",
-                                      "memory_ratio_train", "memory_ratio_sample", "dvae_ratio")},
-           "ours": summary["ours"], "peer": summary["peer"], "config": spec,
+    keys = ("sampling_ratio", "sampling_guided_ratio", "training_ratio", "memory_ratio", "memory_ratio_train",
+            "memory_ratio_sample", "dvae_ratio", "dvae_memory_ratio", "training_peak_fraction")
+    out = {**{k: summary[k] for k in keys},
+           **({"training_ratio_bf16": summary["training_ratio_bf16"]} if host.get("prefers_bf16") else {}),
+           "host": host, "ours": summary["ours"], "peer": summary["peer"], "config": spec,
            "peer_imports": peer_imports, "peer_notes": PEER_NOTES, "load_average": load, "raw": raw,
            "wall_s": round(time.perf_counter() - started, 1)}
     print(json.dumps(out))

@@ -5,12 +5,14 @@ barriers between two threads make every small op wait whenever another process h
 core (measured: tests/test_sampling.py 132 s with 2 threads, 19 s with 1, load ~7).
 """
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
+os.environ["DALLE_THREADS"] = "1"  # what `dalle --threads auto` then picks in the CLI tests
 
 TINY = Path(__file__).parent / "tiny.yaml"
 

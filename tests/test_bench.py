@@ -59,22 +59,47 @@ def fake_raw():
     ]
 
 
-def test_summary_takes_best_throughput_and_largest_memory(bench):
-    summary = bench.summarise(fake_raw(), {})
-    assert summary["training_ratio"] == 2.0  # best 300 over best 150
+def test_summary_takes_median_throughput_and_largest_memory(bench):
+    summary = bench.summarise(fake_raw(), {}, {"fp32_gflops": 100.0})
+    assert summary["training_ratio"] == 2.0  # median 250 over median 125
+    assert summary["ours"]["train"]["spread"] == 0.4  # (300 - 200) / 250
     assert summary["sampling_ratio"] == 40.0
     assert summary["sampling_guided_ratio"] is None
     assert summary["ours"]["sample_guided"]["error"] == "boom"
     assert summary["peer"]["sample"]["partial"] is True
     assert summary["memory_ratio_train"] == 0.6  # largest 60 over largest 100
     assert summary["memory_ratio"] == 0.6  # ours max(60, 20) over peer max(100, 40, 45)
-    assert summary["dvae_ratio"] is None
+    assert summary["dvae_ratio"] is None and summary["training_ratio_bf16"] is None
+    assert summary["training_peak_fraction"] is None  # no model_gflops in the fake runs
+
+
+def test_median_of_three_and_peak_fraction(bench):
+    raw = [{"side": "ours", "task": "train", "repeat": i, "result": {"tokens_per_s": v, "model_gflops": g}}
+           for i, (v, g) in enumerate([(10.0, 50.0), (30.0, 70.0), (20.0, 60.0)])]
+    summary = bench.summarise(raw, {}, {"fp32_gflops": 100.0})
+    assert summary["ours"]["train"]["tokens_per_s"] == 20.0
+    assert summary["training_peak_fraction"] == 0.6
+
+
+def test_model_flops_count_the_blocks_and_dense_attention(bench):
+    from dalle.config import TransformerConfig
+    from dalle.models.transformer import DalleTransformer
+
+    spec = bench.make_spec(bench.parse_args(["--dim", "32", "--depth", "2", "--heads", "2", "--grid", "4"]))
+    config = TransformerConfig(dim=32, depth=2, heads=2, mlp_ratio=spec["ours_mlp_ratio"], attention=["causal"],
+                               text_len=spec["text_len"], text_vocab=spec["text_vocab"] + spec["text_len"],
+                               image_vocab=spec["image_vocab"], image_grid=4)
+    model = DalleTransformer(config)
+    blocks = sum(p.numel() for p in model.blocks.parameters()) + sum(p.numel() for p in model.ln_f.parameters())
+    head = model.image_head.weight.numel()
+    attention = 12 * 2 * 32 * (spec["text_len"] + 16)
+    assert bench.model_flops_per_token(model, spec) == 6 * (blocks + head) + attention
 
 
 def test_markdown_marks_partial_and_failed_cells(bench):
     spec = bench.make_spec(bench.parse_args([]))
     table = bench.markdown(bench.summarise(fake_raw(), spec), spec)
-    assert "| transformer training, tokens/s | 300.0 | 150.0 | 2.00x |" in table
+    assert "| transformer training, tokens/s | 250.0 ±20% | 125.0 ±20% | 2.00x |" in table
     assert "10.0 (partial)" in table
     assert "| error | 5.0 | - |" in table
     json.dumps(bench.summarise(fake_raw(), spec))  # the last line must serialise

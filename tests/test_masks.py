@@ -12,6 +12,7 @@ from dalle.models.masks import (
     layer_patterns,
     reference_mask,
     save_masks_png,
+    window_plan,
 )
 
 
@@ -94,3 +95,30 @@ def test_image_key_slice_covers_exactly_the_mask(pattern, grid, kernel):
         if not holes:
             assert torch.equal(mask[index], inside), (index, keys)
         assert keys.stop == index + 1
+
+
+@pytest.mark.parametrize("pattern", ["row", "column", "conv"])
+def test_window_plans_cover_exactly_the_dense_mask(pattern):
+    """Scattered back to stream positions, a plan's windows allow exactly the mask's image keys."""
+    text_len, grid, kernel = 5, 16, 5
+    plan = window_plan(pattern, text_len, grid, kernel)
+    dense = build_mask(pattern, text_len, grid, kernel)
+    chunks, chunk, width = plan.mask.shape
+    order = plan.order if plan.order is not None else torch.arange(grid * grid)
+    rebuilt = torch.zeros_like(dense)
+    rebuilt[:text_len] = dense[:text_len]
+    for c in range(chunks):
+        for j in range(chunk):
+            query = text_len + order[c * chunk + j]
+            rebuilt[query, :text_len] = plan.mask[c, j, :text_len]
+            for m in range(width - text_len):
+                slot = (c - plan.back) * chunk + m
+                if slot >= 0 and plan.mask[c, j, text_len + m]:
+                    rebuilt[query, text_len + order[slot]] = True
+    assert torch.equal(rebuilt, dense)
+    assert width < text_len + grid * grid  # fewer keys per query than the whole stream
+
+
+def test_window_plans_are_skipped_where_they_save_nothing():
+    assert window_plan("causal", 5, 16) is None
+    assert window_plan("row", 5, 4) is None  # a window would hold half the image

@@ -1,12 +1,21 @@
 """Where a model runs and in what precision: `--device auto|cpu|cuda|cuda:N`, `--dtype auto|float32|bfloat16|float16`.
 
 `auto` device: the first CUDA device when there is one, else the CPU. `auto` dtype:
-bfloat16 on a GPU that has it (float16 on one that has not), float32 on the CPU (where a
-start-up probe decides elsewhere whether bf16 pays: many CPUs have no bf16 units). A dtype
-the device cannot run is a one-line error naming both.
+bfloat16 on a GPU that has it (float16 on one that has not); on the CPU, bfloat16 only
+where a start-up probe (`cpu_prefers_bf16`) measures a bf16 matmul clearly faster than a
+float32 one: many CPUs have no bf16 units, and there bf16 runs 2-3x slower. A dtype the
+device cannot run is a one-line error naming both.
+
+Threads: `choose_threads` measures whether all cores beat one on a small matmul at
+start-up. On an idle machine they do; beside another busy job, a second thread waits on a
+descheduled core at every op and a small model runs 5-40x slower than on one thread.
 """
 
 from __future__ import annotations
+
+import functools
+import os
+import time
 
 import torch
 
@@ -42,7 +51,7 @@ def resolve_dtype(spec: str | torch.dtype | None, device: torch.device) -> torch
     if spec == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return torch.bfloat16 if cpu_prefers_bf16() else torch.float32
     if spec not in DTYPES:
         raise DalleError(f"unknown dtype {spec!r}: use auto, float32, bfloat16 or float16")
     dtype = DTYPES[spec]
@@ -53,3 +62,82 @@ def resolve_dtype(spec: str | torch.dtype | None, device: torch.device) -> torch
         raise DalleError(f"dtype bfloat16 cannot run on {device} ({torch.cuda.get_device_name(device)}): "
                          f"use float16 or float32")
     return dtype
+
+
+# ----------------------------------------------------------------------------- start-up probes
+
+BF16_GAIN = 1.3  # bf16 must beat float32 by this factor: autocast's casts cost the rest
+THREADS_GAIN = 1.3  # all cores must beat one by this factor, or one thread is steadier
+
+
+def matmul_gflops(dtype: torch.dtype = torch.float32, size: int = 512, threads: int | None = None,
+                  seconds: float = 0.05) -> float:
+    """Measured GFLOP/s of a size x size matmul on the CPU in `dtype`, on `threads` threads
+    (default: torch's current number), after one warm-up call, over about `seconds`."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        a = torch.randn(size, size, generator=generator).to(dtype)
+        b = torch.randn(size, size, generator=generator).to(dtype)
+        torch.mm(a, b)
+        calls, start = 0, time.perf_counter()
+        while True:
+            torch.mm(a, b)
+            calls += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds and calls >= 3:
+                return 2 * size**3 * calls / elapsed / 1e9
+    finally:
+        torch.set_num_threads(previous)
+
+
+@functools.cache
+def cpu_prefers_bf16() -> bool:
+    """Whether bf16 is the faster precision on this CPU: a bf16 matmul at least BF16_GAIN x the
+    float32 one, measured once per process (about 0.1 s; 256 x 256, where a CPU without bf16
+    units emulates it at a few GFLOP/s)."""
+    return matmul_gflops(torch.bfloat16, size=256) >= BF16_GAIN * matmul_gflops(torch.float32, size=256)
+
+
+def cpu_count() -> int:
+    """The cores this process may run on (its affinity), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@functools.cache
+def measured_threads() -> int:
+    """All cores when they run a 256 x 256 matmul at least THREADS_GAIN x as fast as one core
+    does (an idle machine), else 1 (a busy one); measured once per process."""
+    cores = cpu_count()
+    if cores == 1:
+        return 1
+    one = matmul_gflops(torch.float32, size=256, threads=1)
+    every = matmul_gflops(torch.float32, size=256, threads=cores)
+    return cores if every >= THREADS_GAIN * one else 1
+
+
+def choose_threads(spec: str | int | None = "auto") -> int:
+    """`auto` (the measured rule, `measured_threads`) or a count, applied with
+    torch.set_num_threads; returns the count. DALLE_THREADS in the environment overrides auto."""
+    spec = os.environ.get("DALLE_THREADS", "auto") if spec in (None, "auto") else spec
+    if str(spec).strip().lower() == "auto":
+        threads = measured_threads()
+    else:
+        try:
+            threads = int(spec)
+        except ValueError:
+            raise DalleError(f"--threads must be auto or a positive count, got {spec!r}") from None
+        if threads < 1:
+            raise DalleError(f"--threads must be auto or a positive count, got {spec!r}")
+    torch.set_num_threads(threads)
+    return threads
+
+
+def precision_label(dtype: torch.dtype) -> str:
+    """`bf16` or `fp32` (or the dtype's name), for progress bar lines."""
+    return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, str(dtype))

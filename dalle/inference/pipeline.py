@@ -9,6 +9,7 @@ module imports no training code (no accelerate, no datasets).
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from dalle.checkpoint import CheckpointError, write_json_atomic
 from dalle.config import ConfigError, SamplingConfig, check_sampling, from_dict, to_dict
 from dalle.errors import DalleError
 from dalle.images import pil_to_tensor, tensor_to_pil
-from dalle.inference.devices import resolve_device, resolve_dtype
+from dalle.inference.devices import precision_label, resolve_device, resolve_dtype
 from dalle.inference.editing import read_picture, region_to_codes
 from dalle.inference.hf_clip import HFCLIPScorer
 from dalle.inference.hub import SAMPLING_FILE, push_pipeline, save_pipeline, snapshot_of
@@ -34,6 +35,8 @@ from dalle.models.dvae import DVAE
 from dalle.models.image_tokenizer import ImageTokenizer, image_tokenizer_dir, load_image_tokenizer
 from dalle.models.transformer import DalleTransformer, load_transformer
 from dalle.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 HF_PREFIX = "hf:"  # --clip hf:NAME_OR_DIR: a Hugging Face CLIP
 MAX_CANDIDATES = 10_000  # pictures sampled per prompt, at most
@@ -107,6 +110,14 @@ class Pipeline:
     @property
     def device(self) -> torch.device:
         return self.transformer.text_emb.weight.device
+
+    def where(self) -> str:
+        """`cpu, fp32, 2 threads` / `cuda:0, bf16`: where and how it runs, for progress lines."""
+        dtype = precision_label(self.dtype)
+        if self.device.type == "cuda":
+            return f"{self.device}, {dtype}"
+        threads = torch.get_num_threads()
+        return f"cpu, {dtype}, {threads} thread{'s' if threads > 1 else ''}"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -407,7 +418,9 @@ def load_pipeline(directory: str | Path, clip: str | None = None, device: str | 
         scorer = load_scorer_for(directory, clip, device=device)
     pipeline = Pipeline(tokenizer, transformer, image_tokenizer, scorer, directory, read_sampling_defaults(directory))
     pipeline.compile = compile
-    return pipeline.to(device, dtype)
+    pipeline = pipeline.to(device, dtype)
+    log.debug("[pipeline] %s on %s", directory, pipeline.where())
+    return pipeline
 
 
 def write_sampling_defaults(directory: str | Path, sampling: SamplingConfig) -> Path:

@@ -30,13 +30,15 @@ The paper's layer layout (`"paper"`): column attention in layer `i` (0-based) wh
 `(i - 2) % 4 == 0`, row attention elsewhere, convolutional attention in the last layer.
 
 `allowed` states the rule once, elementwise on integer tensors, so the same function
-builds the dense boolean masks used by `scaled_dot_product_attention` and serves as the
-FlexAttention `mask_mod`. `reference_mask` rebuilds every mask position by position from
-the definitions above, for the tests.
+builds the dense boolean masks used by `scaled_dot_product_attention`, serves as the
+FlexAttention `mask_mod` and masks the windows of `window_plan` (the CPU's way of skipping
+what a sparse pattern leaves out). `reference_mask` rebuilds every mask position by
+position from the definitions above, for the tests.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -130,6 +132,76 @@ def image_key_slice(pattern: str, index: int, grid: int, kernel: int = 11) -> tu
         first = max(0, index - half * grid - half)
         return slice(first, index + 1), first < index - half
     raise DalleError(f"unknown attention pattern {pattern!r} (causal, row, column or conv)")
+
+
+@dataclass
+class WindowPlan:
+    """How one sparse pattern attends in windows instead of over a dense (T, T) mask.
+
+    The image tokens are put in `order` (raster, or column-major for `column`, where a
+    column's tokens then lie side by side) and cut into chunks of `chunk` tokens; the
+    queries of a chunk attend to the whole text block and to the image keys of the `back`
+    chunks before it and its own, through `mask`. With chunks of four rows of a 16 x 16
+    grid, a row query scores text + 128 image keys instead of the whole stream.
+
+    Attributes:
+        order: (N,) image indices in chunk order, or None for raster order.
+        back: how many earlier chunks a chunk's window holds.
+        mask: (chunks, chunk, text_len + (back + 1) * chunk) boolean, True = attend; keys
+            before the first chunk (the window's padding) are False.
+    """
+
+    order: Tensor | None
+    back: int
+    mask: Tensor
+
+
+def window_plan(pattern: str, text_len: int, grid: int, kernel: int = 11, chunk: int | None = None,
+                device=None) -> WindowPlan | None:
+    """The WindowPlan of a pattern, or None where windows would not save work (`causal`,
+    or a window that spans most of the image).
+
+    Args:
+        chunk: image tokens per chunk, a divisor of grid**2; default: whole rows, at least
+            32 tokens and at least the pattern's reach (so a window is its chunk and the one
+            before), as few rows as divide the grid: smaller chunks skip more keys, but CPU attention kernels run small
+            blocks far below their peak (measured in docs/EXPERIMENTS.md).
+    """
+    if pattern == "causal":
+        return None
+    n_image = grid * grid
+    order = None
+    if pattern == "row":
+        reach = grid  # d <= grid
+    elif pattern == "column":
+        order = torch.arange(n_image).view(grid, grid).t().reshape(-1)  # a column's tokens side by side
+        reach = grid - 1  # within the column: none when a chunk holds whole columns
+    elif pattern == "conv":
+        reach = (kernel // 2) * (grid + 1)  # d <= half * (grid + 1)
+    else:
+        raise DalleError(f"unknown attention pattern {pattern!r} (causal, row, column or conv)")
+    if chunk is None:  # whole rows: the fewest that divide the grid and cover 32 tokens and the reach
+        rows = next(r for r in range(1, grid + 1) if grid % r == 0 and r * grid >= min(max(32, reach), n_image))
+        chunk = rows * grid
+    if n_image % chunk:
+        raise DalleError(f"window chunk {chunk} does not divide the {n_image} image tokens")
+    if pattern == "column" and chunk % grid == 0:
+        reach = 0
+    back = -(-reach // chunk)
+    chunks = n_image // chunk
+    if (back + 1) * 2 > chunks:  # the windows would hold at least half the image
+        return None
+    in_order = order if order is not None else torch.arange(n_image)  # (N,) image index at each slot
+    starts = torch.arange(chunks)[:, None] * chunk
+    query_slot = starts + torch.arange(chunk)[None, :]  # (C, c)
+    key_slot = starts - back * chunk + torch.arange((back + 1) * chunk)[None, :]  # (C, W)
+    query_pos = text_len + in_order[query_slot]  # (C, c) stream positions
+    key_pos = text_len + in_order[key_slot.clamp(min=0)]  # (C, W)
+    image_mask = allowed(query_pos[:, :, None], key_pos[:, None, :], pattern, text_len, grid, kernel)
+    image_mask &= (key_slot >= 0)[:, None, :]  # the padding before the first chunk
+    text_mask = torch.ones(chunks, chunk, text_len, dtype=torch.bool)  # image queries see all text
+    mask = torch.cat([text_mask, image_mask], dim=-1)  # (C, c, L + W)
+    return WindowPlan(order.to(device) if order is not None else None, back, mask.to(device))
 
 
 def reference_mask(pattern: str, text_len: int, grid: int, kernel: int = 11) -> Tensor:

@@ -41,7 +41,7 @@ from dalle.checkpoint import load_model, save_model
 from dalle.config import TransformerConfig
 from dalle.errors import DalleError
 from dalle.models.attention import Attention, KVCache
-from dalle.models.masks import build_mask, flex_mask_mod, image_key_slice, layer_patterns
+from dalle.models.masks import build_mask, flex_mask_mod, image_key_slice, layer_patterns, window_plan
 
 KIND = "transformer"
 
@@ -93,8 +93,8 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None, cache: tuple[Tensor, Tensor] | None = None,
-                start: int = 0, block_mask=None) -> Tensor:
-        x = x + self.dropout(self.attn(self.ln1(x), mask, cache, start, block_mask))  # (B, T, D)
+                start: int = 0, block_mask=None, windows=None) -> Tensor:
+        x = x + self.dropout(self.attn(self.ln1(x), mask, cache, start, block_mask, windows))  # (B, T, D)
         return x + self.dropout(self.mlp(self.ln2(x)))  # (B, T, D)
 
     def decode(self, x: Tensor, cache: tuple[Tensor, Tensor], start: int, sparse_keys: tuple) -> Tensor:
@@ -119,8 +119,10 @@ class DalleTransformer(nn.Module):
     """The decoder-only transformer over `[text block | image tokens]` (see the module doc).
 
     Attributes:
-        attention_backend: "auto" (FlexAttention on CUDA, SDPA elsewhere), "sdpa" or
-            "flex"; a runtime choice, not saved, that never changes the result.
+        attention_backend: "auto" (FlexAttention on CUDA; on the CPU windows for the
+            sparse patterns over a whole stream, SDPA with the dense mask otherwise),
+            "sdpa", "flex" or "windows"; a runtime choice, not saved, that never changes
+            the result.
         sparse_decode: True (default): `decode_step` reads from the cache only the keys
             each layer's pattern allows (text + one slice of image keys); False: the
             whole cache through the dense mask row. Same result; a runtime choice.
@@ -158,6 +160,7 @@ class DalleTransformer(nn.Module):
         masks = torch.stack([build_mask(p, self.text_len, self.grid, config.conv_kernel) for p in distinct])
         self.register_buffer("masks", masks[:, :self.max_len, :self.max_len], persistent=False)  # (P, T, T)
         self._block_masks: dict = {}
+        self._window_plans: dict = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -202,9 +205,23 @@ class DalleTransformer(nn.Module):
 
     def _use_flex(self, device: torch.device) -> bool:
         backend = self.attention_backend
-        if backend not in ("auto", "sdpa", "flex"):
-            raise DalleError(f"attention_backend must be auto, sdpa or flex, got {backend!r}")
+        if backend not in ("auto", "sdpa", "flex", "windows"):
+            raise DalleError(f"attention_backend must be auto, sdpa, flex or windows, got {backend!r}")
         return backend == "flex" or (backend == "auto" and device.type == "cuda")
+
+    def _use_windows(self, device: torch.device, start: int, length: int) -> bool:
+        """Windows serve a whole stream from position 0 (training, scoring), not a prefix."""
+        backend = self.attention_backend
+        whole = start == 0 and length >= self.text_len + self.image_len - 1
+        return whole and (backend == "windows" or (backend == "auto" and device.type != "cuda"))
+
+    def _window_plan(self, pattern_index: int, device: torch.device):
+        key = (pattern_index, str(device))
+        if key not in self._window_plans:
+            pattern = sorted(set(self.patterns))[pattern_index]
+            self._window_plans[key] = window_plan(pattern, self.text_len, self.grid, self.config.conv_kernel,
+                                                  device=device)
+        return self._window_plans[key]
 
     def _block_mask(self, pattern_index: int, length: int, device: torch.device):
         key = (pattern_index, length, str(device))
@@ -228,12 +245,16 @@ class DalleTransformer(nn.Module):
         if end > self.max_len:
             raise DalleError(f"stream of {end} positions is longer than the model's {self.max_len}")
         use_flex = start == 0 and self._use_flex(x.device)
+        use_windows = not use_flex and self._use_windows(x.device, start, length)
         for index, block in enumerate(self.blocks):
             pattern_index = self.layer_mask[index]
             layer_cache = cache.layer(index) if cache is not None else None
+            plan = self._window_plan(pattern_index, x.device) if use_windows else None
             if use_flex:
                 block_mask = self._block_mask(pattern_index, length, x.device)
                 x = block(x, None, layer_cache, start, block_mask)
+            elif plan is not None:
+                x = block(x, None, layer_cache, start, windows=plan)
             else:
                 mask = self.masks[pattern_index, start:end, :end]  # (T, start + T)
                 x = block(x, mask, layer_cache, start)

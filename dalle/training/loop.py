@@ -11,8 +11,10 @@ How accelerate is used:
 - a non-finite loss or gradient skips the update; under fp16 loss scaling the optimizer
   step is still called, so the grad scaler sees the overflow and lowers its scale, and
   the skip is read from `accelerator.optimizer_step_was_skipped`;
-- mixed precision comes from the launch configuration (`accelerate launch
-  --mixed_precision`) unless the YAML sets `train.STAGE.mixed_precision`;
+- mixed precision: `train.STAGE.mixed_precision: auto` picks bf16 on a GPU that has it
+  and, on the CPU, bf16 only where a start-up probe measures it faster than float32
+  (`dalle.inference.devices.cpu_prefers_bf16`); null leaves it to the launch configuration
+  (`accelerate launch --mixed_precision`); the bar's first line says which, and the threads;
 - FSDP saves and resumes its sharded training state through `accelerator.save_state`
   / `load_state`; one process and DDP keep the bit-exact safetensors checkpoints of
   `dalle.training.state`.
@@ -31,6 +33,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import time
@@ -48,6 +51,7 @@ from tqdm.auto import tqdm
 from dalle.checkpoint import atomic_directory, lock_directory, save_model, write_json_atomic
 from dalle.config import TrainConfig, to_dict
 from dalle.errors import DalleError
+from dalle.inference.devices import cpu_prefers_bf16
 from dalle.training.batches import shard
 from dalle.training.state import checkpoints, load_training_state, save_training_state
 
@@ -165,7 +169,7 @@ def _train(run: Run, batches, step_fn: Callable, resume: str | None, save_fn: Ca
     config, stage = run.config, run.stage
     state = TrainState()
     state.step = state.start = _resume(run, resume)
-    bar = tqdm(total=config.steps, initial=state.start, desc=stage, dynamic_ncols=True,
+    bar = tqdm(total=config.steps, initial=state.start, desc=f"{stage} [{_precision_label(run)}]", dynamic_ncols=True,
                disable=not (progress and run.accelerator.is_main_process))
     stopped_early = False
     with _stop_on_signals(state):
@@ -200,9 +204,7 @@ def _prepare(model: torch.nn.Module, config: TrainConfig, run_dir: Path, stage: 
     """The accelerator, the prepared model and optimizer, the scheduler and the EMA copy."""
     # Denormal floats (from dead or saturated units) make CPU convolutions many times slower.
     torch.set_flush_denormal(True)
-    mixed = config.mixed_precision  # None: the launch configuration decides
-    if mixed == "fp16" and not torch.cuda.is_available():
-        mixed = "bf16"  # fp16 needs a GPU grad scaler; the CPU runs bf16
+    mixed = training_precision(config.mixed_precision)
     trackers = importlib.util.find_spec("tensorboard") is not None  # logs to TensorBoard when installed
     # accelerate keeps one global state per process, and one process may train several stages
     # with different precisions (the demo); the process group (PartialState) is kept.
@@ -224,6 +226,32 @@ def _prepare(model: torch.nn.Module, config: TrainConfig, run_dir: Path, stage: 
             raise TrainingError(f"[{stage}] train.ema needs whole weights on every process; FSDP shards them")
         accelerator.register_for_checkpointing(scheduler)  # save_state then keeps the scheduler too
     return run
+
+
+def training_precision(setting: str | None) -> str | None:
+    """accelerate's mixed_precision for a `train.STAGE.mixed_precision` setting: `auto` is bf16
+    on a GPU with bf16 (else fp16), and on the CPU bf16 where the start-up probe finds it faster,
+    else no, unless a launch configuration sets one; fp16 on the CPU is bf16 (fp16 needs a GPU
+    grad scaler); None: the launch configuration."""
+    if setting == "auto":
+        if os.environ.get("ACCELERATE_MIXED_PRECISION"):  # `accelerate launch --mixed_precision` said
+            return None
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_prefers_bf16() else "no"
+    if setting == "fp16" and not torch.cuda.is_available():
+        return "bf16"
+    return setting
+
+
+def _precision_label(run: Run) -> str:
+    """`fp32, 1 thread` / `bf16, 2 threads`: what this stage runs in, for the bar."""
+    names = {"no": "fp32", "bf16": "bf16", "fp16": "fp16", "fp8": "fp8"}
+    mixed = names.get(str(run.accelerator.mixed_precision), str(run.accelerator.mixed_precision))
+    if run.accelerator.device.type == "cuda":
+        return mixed
+    threads = torch.get_num_threads()
+    return f"{mixed}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def _resume(run: Run, resume: str | None) -> int:
@@ -252,7 +280,8 @@ def _resume(run: Run, resume: str | None) -> int:
 
 
 # Settings that may change between a run and its resumption (how long and how it is logged).
-RESUMABLE_CHANGES = {"steps", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints", "num_workers"}
+RESUMABLE_CHANGES = {"steps", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints", "num_workers",
+                     "mixed_precision"}
 
 
 def _settings(run: Run) -> dict[str, Any]:

@@ -1,0 +1,97 @@
+"""The start-up rules: precision (bf16 only where a probe finds it faster) and threads."""
+
+import pytest
+import torch
+
+from dalle.cli import main
+from dalle.config import TrainConfig
+from dalle.errors import DalleError
+from dalle.inference import devices
+from dalle.inference.devices import choose_threads, matmul_gflops, resolve_dtype
+from dalle.models.transformer import DalleTransformer
+from dalle.training import loop
+from dalle.training.batches import TableBatches
+from dalle.training.loop import fit, training_precision
+
+from .test_transformer import tiny_batch, tiny_config
+
+
+@pytest.fixture
+def probe(monkeypatch):
+    """Sets what the bf16 probe finds on this 'CPU'."""
+
+    def set_probe(faster: bool):
+        monkeypatch.setattr(devices, "cpu_prefers_bf16", lambda: faster)
+        monkeypatch.setattr(loop, "cpu_prefers_bf16", lambda: faster)
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    return set_probe
+
+
+def test_the_matmul_probe_measures_something():
+    assert matmul_gflops(torch.float32, size=64, seconds=0.01) > 0
+    assert isinstance(devices.cpu_prefers_bf16(), bool)
+
+
+def test_auto_precision_follows_the_probe_on_the_cpu(probe, monkeypatch):
+    cpu = torch.device("cpu")
+    probe(False)
+    assert resolve_dtype("auto", cpu) == torch.float32 and training_precision("auto") == "no"
+    probe(True)
+    assert resolve_dtype("auto", cpu) == torch.bfloat16 and training_precision("auto") == "bf16"
+    assert resolve_dtype("float32", cpu) == torch.float32  # an explicit choice is never overridden
+    assert training_precision("no") == "no" and training_precision(None) is None
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # `accelerate launch --mixed_precision no`
+    assert training_precision("auto") is None  # the launch configuration decides
+    assert TrainConfig().mixed_precision == "auto"
+
+
+def test_bf16_trains_a_tiny_transformer_to_the_fp32_loss(tmp_path):
+    """Tolerance: the final loss of 30 updates within 2 % (bf16 keeps 8 bits of mantissa; the
+    loss, softmax and optimizer stay float32 under autocast)."""
+    config = tiny_config(depth=2, dim=32)
+    text, image = tiny_batch(config, batch=16)
+    data = TableBatches({"text": text, "image": image}, batch_size=8, seed=0)
+    losses = {}
+    for precision in ("no", "bf16"):
+        torch.manual_seed(0)
+        model = DalleTransformer(config)
+        train = TrainConfig(steps=30, batch_size=8, lr=3e-3, warmup_steps=2, log_every=10, mixed_precision=precision)
+        result = fit(model, data, lambda m, b, s: m(b["text"], b["image"]), train, tmp_path / precision, "t",
+                     lambda m, d: None, progress=False)
+        losses[precision] = result.history[-1]["loss"]
+    first = 2.0 * torch.log(torch.tensor(float(config.image_vocab))).item()  # well above where both end
+    assert losses["no"] < 0.6 * first
+    assert abs(losses["bf16"] - losses["no"]) <= 0.02 * losses["no"], losses
+
+
+def test_the_bar_line_says_precision_and_threads(tmp_path, probe):
+    probe(False)
+    run = loop._prepare(torch.nn.Linear(2, 1), TrainConfig(steps=1, batch_size=1), tmp_path, "s")
+    assert loop._precision_label(run) == f"fp32, {torch.get_num_threads()} thread" + (
+        "s" if torch.get_num_threads() > 1 else "")
+
+
+def test_threads_by_count_by_rule_and_by_environment(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        assert choose_threads(1) == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("DALLE_THREADS", "2")
+        assert choose_threads("auto") == 2
+        monkeypatch.delenv("DALLE_THREADS")
+        assert 1 <= choose_threads("auto") <= devices.cpu_count()  # the measured rule
+        for bad in ("0", "many", "-1"):
+            with pytest.raises(DalleError, match="--threads"):
+                choose_threads(bad)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_threads_flag_goes_before_or_after_the_command(capsys):
+    before = torch.get_num_threads()
+    try:
+        assert main(["--threads", "nope", "data", "--help"]) == 0  # help exits before any model runs
+        assert main(["generate", "--threads", "two", "--model", "m", "--prompt", "p", "--out", "o"]) == 2
+        assert "--threads must be auto or a positive count" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
