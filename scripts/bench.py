@@ -115,6 +115,7 @@ def make_spec(args: argparse.Namespace) -> dict:
         "ours_mlp_ratio": args.ours_mlp_ratio,
         "train_batch": args.train_batch, "train_steps": args.train_steps, "warmup_steps": args.warmup_steps,
         "sample_batch": args.sample_batch, "cond_scale": args.cond_scale, "sample_budget": args.sample_budget,
+        "sample_min_seconds": args.sample_min_seconds,
         "peer_inference": args.peer_inference,
         "dvae_image_size": image_size, "dvae_hidden": args.dvae_hidden, "dvae_batch": args.dvae_batch,
         "dvae_steps": args.dvae_steps,
@@ -225,19 +226,25 @@ def _budgeted(fn, spec: dict, state: dict):
 
 
 def _run_sampling(run, spec: dict, state: dict, tokens_per_call_offset: int) -> dict:
-    """Times `run()`; on _OverBudget, reports the tokens made so far (the partial rate covers
+    """Times `run()`, repeated until `sample_min_seconds` have passed (a fast side's single run
+    lasts under a second, too short to time steadily); the rate is over the completed runs.
+    On _OverBudget in the first run, reports the tokens made so far (the partial rate covers
     the first, shorter positions only, so for a side that recomputes the stream it is an
     overestimate)."""
     state["start"] = time.perf_counter()
+    runs, finished = 0, state["start"]
     try:
-        run()
+        while runs == 0 or finished - state["start"] < spec["sample_min_seconds"]:
+            run()
+            runs, finished = runs + 1, time.perf_counter()
     except _OverBudget:
-        seconds = time.perf_counter() - state["start"]
-        done = state["calls"] + tokens_per_call_offset
-        return {"seconds": seconds, "tokens_per_s": spec["sample_batch"] * done / seconds, "partial": True,
-                "tokens_done": done, "tokens_wanted": spec["image_len"]}
-    seconds = time.perf_counter() - state["start"]
-    return {"seconds": seconds, "tokens_per_s": spec["sample_batch"] * spec["image_len"] / seconds}
+        if runs == 0:
+            seconds = time.perf_counter() - state["start"]
+            done = state["calls"] + tokens_per_call_offset
+            return {"seconds": seconds, "tokens_per_s": spec["sample_batch"] * done / seconds, "partial": True,
+                    "tokens_done": done, "tokens_wanted": spec["image_len"]}
+    seconds = finished - state["start"]
+    return {"seconds": seconds, "runs": runs, "tokens_per_s": runs * spec["sample_batch"] * spec["image_len"] / seconds}
 
 
 def _dvae_result(seconds_per_step: float, spec: dict, params: int) -> dict:
@@ -638,6 +645,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     work.add_argument("--warmup-steps", type=int, default=3, help="untimed steps before them")
     work.add_argument("--sample-batch", type=int, default=8)
     work.add_argument("--cond-scale", type=float, default=3.0)
+    work.add_argument("--sample-min-seconds", type=float, default=5,
+                      help="sampling runs are repeated until this long has passed, then averaged")
     work.add_argument("--sample-budget", type=float, default=60,
                       help="seconds one sampling run may take; a slower run reports its partial rate")
     work.add_argument("--dvae-batch", type=int, default=8)

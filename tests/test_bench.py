@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,20 @@ def test_gpu_benchmark_dry_run_on_cpu(capsys):
     assert result["correctness"]["flex_vs_sdpa_max_abs_diff"] < 1e-4
     assert result["decode"]["image_tokens"] == 64 and result["decode"]["image_tokens_per_s"] > 0
     assert result["decode_eager"]["compile_step"] is False
+
+
+def test_sampling_repeats_fast_runs_and_reports_a_slow_one_as_partial(bench):
+    spec = {"sample_min_seconds": 0.05, "sample_budget": 10.0, "sample_batch": 2, "image_len": 4}
+    state = {"calls": 0}
+    fast = bench._run_sampling(lambda: time.sleep(0.01), spec, state, tokens_per_call_offset=0)
+    assert fast["runs"] >= 5 and "partial" not in fast
+    assert abs(fast["tokens_per_s"] - fast["runs"] * 8 / fast["seconds"]) < 1e-9
+
+    slow_state = {"calls": 0}
+
+    def over_budget():  # one token made, then the budget is spent
+        slow_state["calls"] += 1
+        raise bench._OverBudget
+
+    slow = bench._run_sampling(over_budget, spec, slow_state, tokens_per_call_offset=0)
+    assert slow["partial"] is True and slow["tokens_done"] == 1 and slow["tokens_wanted"] == 4

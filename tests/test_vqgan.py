@@ -256,6 +256,16 @@ def test_vq_pipeline_generates_edits_and_reconstructs(vq_pipeline, tmp_path, cap
     assert (tmp_path / "im" / line["image"]).is_file()
 
 
+def test_a_vq_pipeline_saves_and_loads_like_a_dvae_one(vq_pipeline, tmp_path):
+    pipeline = dalle.load_pipeline(vq_pipeline, device="cpu")
+    saved = pipeline.save_pretrained(tmp_path / "saved", max_shard_size=20_000)
+    assert (saved / "vqgan" / "config.json").is_file() and not (saved / "dvae").exists()
+    assert "VQGAN" in (saved / "README.md").read_text()
+    again = dalle.load_pipeline(saved, device="cpu")
+    codes = torch.randint(0, again.image_tokenizer.codebook_size, (2, 8, 8))
+    assert torch.equal(again.image_tokenizer.decode(codes), pipeline.image_tokenizer.decode(codes))
+
+
 def test_a_run_keeps_one_image_tokenizer(vq_pipeline, capsys):
     """A run directory trained with a VQGAN is not reused by a dVAE config (its CLIP and transformer would be kept)."""
     capsys.readouterr()

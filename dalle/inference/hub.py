@@ -1,7 +1,7 @@
 """Hugging Face Hub conventions for a pipeline: `save_pretrained`, `hf:USER/REPO` loading, `push_to_hub`.
 
 A saved pipeline is the directory `load_pipeline` reads (tokenizer.json, sampling.json,
-dvae/, transformer/, clip/: config.json + safetensors each, sharded above a size limit)
+dvae/ or vqgan/, transformer/, clip/: config.json + safetensors each, sharded above a size limit)
 plus a model card, README.md, whose YAML header the Hub reads (library_name,
 pipeline_tag, tags). Nothing here imports training code.
 """
@@ -85,14 +85,15 @@ def read_card_metadata(directory: str | Path) -> dict[str, Any]:
     return yaml.safe_load(text.split("---\n")[1])
 
 
-def save_pipeline(directory: str | Path, tokenizer: Tokenizer, transformer, dvae, clip_model,
+def save_pipeline(directory: str | Path, tokenizer: Tokenizer, transformer, image_tokenizer, clip_model,
                   sampling: SamplingConfig, source: Path | None = None, max_shard_size: int | str = "2GB",
                   metrics: dict[str, Any] | None = None, grid: Image.Image | None = None) -> Path:
     """Writes a pipeline directory (atomically) with sharded weights and a model card.
 
     Args:
         directory: where to write (replaced if it exists).
-        tokenizer, transformer, dvae, clip_model: the parts (clip_model: our CLIP or None).
+        tokenizer, transformer, image_tokenizer, clip_model: the parts (the image tokenizer, a
+            dVAE or a VQGAN, goes to the folder named by its kind; clip_model: our CLIP or None).
         sampling: the defaults written to sampling.json.
         source: the directory the pipeline was loaded from; its training logs and
             reports are read for the card (steps, dVAE metrics).
@@ -100,19 +101,21 @@ def save_pipeline(directory: str | Path, tokenizer: Tokenizer, transformer, dvae
         metrics: `dalle eval` metrics for the card (default: source/eval/metrics.json if any).
         grid: a picture of samples for the card.
     """
-    facts = {"tokens per picture": f"{dvae.config.grid_size}x{dvae.config.grid_size} of "
-                                   f"{dvae.config.codebook_size} codes",
-             "picture size": f"{dvae.config.image_size} px",
+    kind = image_tokenizer.kind
+    facts = {"image tokenizer": {"dvae": "dVAE", "vqgan": "VQGAN"}.get(kind, kind),
+             "tokens per picture": f"{image_tokenizer.grid}x{image_tokenizer.grid} of "
+                                   f"{image_tokenizer.codebook_size} codes",
+             "picture size": f"{image_tokenizer.image_size} px",
              "transformer": f"{transformer.config.depth} layers, width {transformer.config.dim}, "
                             f"attention {transformer.config.attention}",
              "parameters": f"{sum(p.numel() for p in transformer.parameters()):,} (transformer)"}
-    facts.update(_training_facts(source))
+    facts.update(_training_facts(source, kind))
     if metrics is None and source is not None and (source / "eval" / "metrics.json").is_file():
         metrics = json.loads((source / "eval" / "metrics.json").read_text(encoding="utf-8"))
     with atomic_directory(directory) as tmp:
         tokenizer.hf.save(str(tmp / TOKENIZER_FILE))
         write_json_atomic(tmp / SAMPLING_FILE, to_dict(sampling))
-        for name, model in (("transformer", transformer), ("dvae", dvae), ("clip", clip_model)):
+        for name, model in (("transformer", transformer), (kind, image_tokenizer), ("clip", clip_model)):
             if model is not None:
                 save_model(model, model.config, tmp / name, name, max_shard_size=max_shard_size)
         if grid is not None:
@@ -121,22 +124,22 @@ def save_pipeline(directory: str | Path, tokenizer: Tokenizer, transformer, dvae
     return Path(directory)
 
 
-def _training_facts(source: Path | None) -> dict[str, str]:
+def _training_facts(source: Path | None, kind: str = "dvae") -> dict[str, str]:
     """Training steps per stage and the data, from a run directory's logs and config, when there are any."""
     facts = {}
     if source is None:
         return facts
-    for stage in ("dvae", "clip", "transformer"):
+    for stage in (kind, "clip", "transformer"):
         log = source / "logs" / f"{stage}.jsonl"
         if log.is_file():
             lines = [line for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
             if lines:
                 facts[f"{stage} training steps"] = str(json.loads(lines[-1]).get("step"))
-    dvae_metrics = source / "reports" / "dvae-metrics.json"
-    if dvae_metrics.is_file():
-        psnr = json.loads(dvae_metrics.read_text(encoding="utf-8")).get("psnr")
+    tokenizer_metrics = source / "reports" / f"{kind}-metrics.json"
+    if tokenizer_metrics.is_file():
+        psnr = json.loads(tokenizer_metrics.read_text(encoding="utf-8")).get("psnr")
         if psnr is not None:
-            facts["dVAE reconstruction PSNR (test split)"] = f"{psnr:.1f} dB"
+            facts[f"{'dVAE' if kind == 'dvae' else 'VQGAN'} reconstruction PSNR (test split)"] = f"{psnr:.1f} dB"
     return facts
 
 

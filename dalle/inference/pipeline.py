@@ -31,7 +31,6 @@ from dalle.inference.imagine import Imagined, imagine
 from dalle.inference.sampling import sample_image_codes
 from dalle.inference.scoring import CLIPScorer, Scorer, rerank
 from dalle.models.clip import load_clip
-from dalle.models.dvae import DVAE
 from dalle.models.image_tokenizer import ImageTokenizer, image_tokenizer_dir, load_image_tokenizer
 from dalle.models.transformer import DalleTransformer, load_transformer
 from dalle.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
@@ -289,9 +288,6 @@ class Pipeline:
 
         Weights above `max_shard_size` are split into safetensors shards with an index;
         `metrics` (from `dalle eval`) and a `grid` of samples go into the card."""
-        if not isinstance(self.image_tokenizer, DVAE):  # hub.save_pipeline writes the tokenizer as dvae/
-            raise DalleError(f"save_pretrained writes dVAE pipelines; this one's image tokenizer is a "
-                             f"{self.image_tokenizer.kind}")
         clip_model = self.scorer.model if isinstance(self.scorer, CLIPScorer) else None
         return save_pipeline(directory, self.tokenizer, self.transformer, self.image_tokenizer, clip_model,
                              self.sampling, self.directory, max_shard_size, metrics, grid)

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, send_to_device, set_seed
 from tqdm.auto import tqdm
 
 from dalle.checkpoint import atomic_directory, lock_directory, save_model, write_json_atomic
@@ -348,6 +348,7 @@ def _one_step(run: Run, state: TrainState, batches, step_fn: Callable,
         global_batch = batches.batch_at(state.step * config.grad_accum + micro)
         batch = global_batch if getattr(batches, "sharded", False) else shard(
             global_batch, accelerator.process_index, accelerator.num_processes)
+        batch = send_to_device(batch, accelerator.device)  # the tensors; captions stay strings
         last = micro == config.grad_accum - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(run.model):  # all-reduce once per update
             with accelerator.autocast():

@@ -26,7 +26,8 @@ def sample_preview(config: Config, tokenizer: Tokenizer, image_tokenizer: ImageT
     def draw(record: dict, model: torch.nn.Module) -> None:
         if not every or record["step"] % every:
             return
-        codes = sample_image_codes(model, tokenizer.encode(prompts), num_candidates=4, seed=0)  # (P * 4, h*w)
+        text = tokenizer.encode(prompts).to(next(model.parameters()).device)
+        codes = sample_image_codes(model, text, num_candidates=4, seed=0)  # (P * 4, h*w)
         grid = model.config.image_grid
         with torch.inference_mode():
             pixels = image_tokenizer.decode(codes.view(-1, grid, grid))  # (P * 4, 3, S, S)

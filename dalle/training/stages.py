@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from accelerate import PartialState
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -274,7 +275,9 @@ def train_clip(config: Config, resume: str | None = "auto", progress: bool = Tru
             twins = [t for t in (shapes.false_twin(c, rng, pairs=twin_pairs) for c in batch["captions"])
                      if t is not None]
             negatives = tokenizer.encode(twins) if twins else None
-        out = model(tokenizer.encode(batch["captions"]), to_float(batch["images"]), negatives)
+        images = to_float(batch["images"])
+        negatives = negatives.to(images.device) if negatives is not None else None
+        out = model(tokenizer.encode(batch["captions"]).to(images.device), images, negatives)
         return {"loss": out["loss"]}
 
     result = fit(model, batches, step_fn, train, config.run_dir, "clip", resume=resume,
@@ -293,7 +296,8 @@ def train_transformer(config: Config, resume: str | None = "auto", progress: boo
     if not (image_dir / "config.json").is_file():
         raise DalleError(f"no trained {config.image_tokenizer} in {image_dir}: run `dalle train-vae` with this "
                          "run_dir first")
-    image_tokenizer = load_image_tokenizer(image_dir)
+    # On the training device: encoding 256-px photos batch by batch on a GPU's host CPU would starve it.
+    image_tokenizer = load_image_tokenizer(image_dir).to(PartialState().device)
     tokenizer = prepare_tokenizer(config)
     train_tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE, tokenizer.text_len, config.tokenizer.bpe_dropout)
     model_config = replace(config.transformer, text_len=tokenizer.text_len, text_vocab=tokenizer.total_vocab,
@@ -309,7 +313,7 @@ def train_transformer(config: Config, resume: str | None = "auto", progress: boo
     batches = image_caption_batches(config, train, progress)
     if isinstance(batches, TableBatches):  # a fixed table: encode every picture once
         images = batches.columns["images"]
-        codes = torch.cat([codes_of(images[i : i + 256]) for i in
+        codes = torch.cat([codes_of(images[i : i + 256]).cpu() for i in
                            tqdm(range(0, len(images), 256), desc="encoding images", disable=not progress,
                                 leave=False)])
         batches = TableBatches({"codes": codes, "captions": batches.columns["captions"]}, train.batch_size,
@@ -320,7 +324,7 @@ def train_transformer(config: Config, resume: str | None = "auto", progress: boo
     def step_fn(model, batch, step):
         text = drop_captions(train_tokenizer.encode(batch["captions"]), model_config.caption_dropout,
                              text_vocab=model_config.text_vocab)
-        out = model(text, batch["codes"])
+        out = model(text.to(batch["codes"].device), batch["codes"])
         return {k: out[k] for k in ("loss", "text_loss", "image_loss")}
 
     write_sampling_defaults(run_dir, config.sampling)  # how the pipeline samples unless told otherwise
