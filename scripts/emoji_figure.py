@@ -46,7 +46,7 @@ def main() -> None:
     pipeline = load_pipeline(args.model, device=args.device)
     rows, labels, titles = [], [], []
     for kind, real, caption in cases:
-        samples = pipeline(caption, candidates=16, keep=3, seed=args.seed)
+        (samples,) = pipeline([caption], candidates=16, keep=3, seed=args.seed)
         rows.append([real.resize((pipeline.image_size,) * 2), *[s.image for s in samples]])
         labels.append(["real", *[f"#{s.rank}" for s in samples]])
         titles.append(f"{caption} ({kind})")
