@@ -15,8 +15,10 @@ COMMON = ["--set", "transformer.caption_dropout=0", "--set", "train.transformer.
 
 
 def dalle(*args, launcher=()):
-    return subprocess.run([*launcher, "-m", "dalle.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run([*launcher, "-m", "dalle.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]  # what failed, not only that it did
+    return done
 
 
 def losses(run_dir):

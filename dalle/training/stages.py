@@ -15,6 +15,7 @@ evaluate" (`dalle.evaluation.stages`).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from dataclasses import replace
@@ -24,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from accelerate import PartialState
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -296,8 +296,11 @@ def train_transformer(config: Config, resume: str | None = "auto", progress: boo
     if not (image_dir / "config.json").is_file():
         raise DalleError(f"no trained {config.image_tokenizer} in {image_dir}: run `dalle train-vae` with this "
                          "run_dir first")
-    # On the training device: encoding 256-px photos batch by batch on a GPU's host CPU would starve it.
-    image_tokenizer = load_image_tokenizer(image_dir).to(PartialState().device)
+    # On this process's GPU when there is one: encoding 256-px photos batch by batch on the host CPU
+    # would starve it. (Not through accelerate's PartialState: initialising it before `fit` resets
+    # its state made two CPU processes both take the main process's lock.)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
+    image_tokenizer = load_image_tokenizer(image_dir).to(device)
     tokenizer = prepare_tokenizer(config)
     train_tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE, tokenizer.text_len, config.tokenizer.bpe_dropout)
     model_config = replace(config.transformer, text_len=tokenizer.text_len, text_vocab=tokenizer.total_vocab,
