@@ -141,3 +141,11 @@ def choose_threads(spec: str | int | None = "auto") -> int:
 def precision_label(dtype: torch.dtype) -> str:
     """`bf16` or `fp32` (or the dtype's name), for progress bar lines."""
     return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def run_label(device: torch.device, precision: str) -> str:
+    """`fp32, 2 threads` on the CPU, the precision alone on a GPU: how a run computes, for progress lines."""
+    if device.type == "cuda":
+        return precision
+    threads = torch.get_num_threads()
+    return f"{precision}, {threads} thread{'s' if threads > 1 else ''}"

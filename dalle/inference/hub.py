@@ -20,6 +20,7 @@ from PIL import Image
 from dalle.checkpoint import CheckpointError, atomic_directory, save_model, write_json_atomic
 from dalle.config import SamplingConfig, to_dict
 from dalle.errors import DalleError
+from dalle.models.image_tokenizer import NAMES
 from dalle.tokenizer import TOKENIZER_FILE, Tokenizer
 
 SAMPLING_FILE = "sampling.json"
@@ -102,7 +103,7 @@ def save_pipeline(directory: str | Path, tokenizer: Tokenizer, transformer, imag
         grid: a picture of samples for the card.
     """
     kind = image_tokenizer.kind
-    facts = {"image tokenizer": {"dvae": "dVAE", "vqgan": "VQGAN"}.get(kind, kind),
+    facts = {"image tokenizer": NAMES.get(kind, kind),
              "tokens per picture": f"{image_tokenizer.grid}x{image_tokenizer.grid} of "
                                    f"{image_tokenizer.codebook_size} codes",
              "picture size": f"{image_tokenizer.image_size} px",
@@ -139,7 +140,7 @@ def _training_facts(source: Path | None, kind: str = "dvae") -> dict[str, str]:
     if tokenizer_metrics.is_file():
         psnr = json.loads(tokenizer_metrics.read_text(encoding="utf-8")).get("psnr")
         if psnr is not None:
-            facts[f"{'dVAE' if kind == 'dvae' else 'VQGAN'} reconstruction PSNR (test split)"] = f"{psnr:.1f} dB"
+            facts[f"{NAMES.get(kind, kind)} reconstruction PSNR (test split)"] = f"{psnr:.1f} dB"
     return facts
 
 

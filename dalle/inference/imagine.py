@@ -25,9 +25,7 @@ from dalle.errors import DalleError
 from dalle.images import tensor_to_pil
 from dalle.inference.hf_clip import HFCLIPScorer
 from dalle.inference.scoring import CLIPScorer, Scorer, score_images
-from dalle.models.dvae import DVAE, unsqueeze_pixels
 from dalle.models.image_tokenizer import ImageTokenizer
-from dalle.models.vqgan import to_unit
 
 
 @dataclass
@@ -69,16 +67,6 @@ def augment(images: torch.Tensor, cutouts: int, generator: torch.Generator) -> t
     views = torch.cat(views)  # (cutouts, 3, S, S)
     noise = 0.03 * torch.randn(views.shape, generator=generator).to(views.device)
     return (views + noise).clamp(0, 1)
-
-
-def relaxed_pixels(tokenizer: ImageTokenizer, one_hot: torch.Tensor) -> torch.Tensor:
-    """(1, K, h, w) codes as (straight-through) one-hot vectors -> (1, 3, S, S) pixels in [0, 1],
-    with gradients back to the one-hot."""
-    if isinstance(tokenizer, DVAE):
-        c = tokenizer.config
-        return unsqueeze_pixels(torch.sigmoid(tokenizer.decoder(one_hot)[:, : c.channels].float()), c.eps)
-    z_q = torch.einsum("bkhw,kd->bdhw", one_hot, tokenizer.quantize.codebook)  # (1, D, h, w)
-    return to_unit(tokenizer.decode_latents(z_q).float())
 
 
 def imagine(tokenizer: ImageTokenizer, scorer: Scorer, prompt: str, *, steps: int = 100, seed: int = 0,
@@ -140,7 +128,7 @@ def _optimise(tokenizer: ImageTokenizer, scorer: Scorer, logits: torch.Tensor, t
         soft = logits.softmax(dim=1)  # (1, K, h, w)
         hard = F.one_hot(soft.argmax(dim=1), vocab).permute(0, 3, 1, 2).to(soft.dtype)
         z = hard + soft - soft.detach()  # forward: codes; backward: the softmax
-        pixels = relaxed_pixels(tokenizer, z)  # (1, 3, S, S)
+        pixels = tokenizer.decode_one_hot(z)  # (1, 3, S, S)
         views = augment(pixels, cutouts, generator)
         similarity = (differentiable_image_embedding(scorer, views) @ text[0].to(views.device)).mean()
         optimizer.zero_grad(set_to_none=True)

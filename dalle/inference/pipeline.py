@@ -23,7 +23,7 @@ from dalle.checkpoint import CheckpointError, write_json_atomic
 from dalle.config import ConfigError, SamplingConfig, check_sampling, from_dict, to_dict
 from dalle.errors import DalleError
 from dalle.images import pil_to_tensor, tensor_to_pil
-from dalle.inference.devices import precision_label, resolve_device, resolve_dtype
+from dalle.inference.devices import precision_label, resolve_device, resolve_dtype, run_label
 from dalle.inference.editing import read_picture, region_to_codes
 from dalle.inference.hf_clip import HFCLIPScorer
 from dalle.inference.hub import SAMPLING_FILE, push_pipeline, save_pipeline, snapshot_of
@@ -31,7 +31,7 @@ from dalle.inference.imagine import Imagined, imagine
 from dalle.inference.sampling import sample_image_codes
 from dalle.inference.scoring import CLIPScorer, Scorer, rerank
 from dalle.models.clip import load_clip
-from dalle.models.image_tokenizer import ImageTokenizer, image_tokenizer_dir, load_image_tokenizer
+from dalle.models.image_tokenizer import NAMES, ImageTokenizer, image_tokenizer_dir, load_image_tokenizer
 from dalle.models.transformer import DalleTransformer, load_transformer
 from dalle.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 
@@ -112,11 +112,7 @@ class Pipeline:
 
     def where(self) -> str:
         """`cpu, fp32, 2 threads` / `cuda:0, bf16`: where and how it runs, for progress lines."""
-        dtype = precision_label(self.dtype)
-        if self.device.type == "cuda":
-            return f"{self.device}, {dtype}"
-        threads = torch.get_num_threads()
-        return f"cpu, {dtype}, {threads} thread{'s' if threads > 1 else ''}"
+        return f"{self.device}, {run_label(self.device, precision_label(self.dtype))}"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -367,7 +363,7 @@ def check_fit(tokenizer: Tokenizer, transformer: DalleTransformer, image_tokeniz
               scorer: Scorer | None) -> None:
     """Names the first way the stages do not fit together."""
     t, d = transformer.config, image_tokenizer
-    kind = {"dvae": "dVAE", "vqgan": "VQGAN"}.get(d.kind, d.kind)
+    kind = NAMES.get(d.kind, d.kind)
     if t.text_vocab != tokenizer.total_vocab:
         raise CheckpointError(f"the transformer expects a text vocabulary of {t.text_vocab}, the tokenizer gives "
                               f"{tokenizer.total_vocab} ({tokenizer.vocab_size} BPE + {tokenizer.text_len} padding)")

@@ -169,6 +169,12 @@ class DVAE(nn.Module):
         """int64 codes (B, h, w) -> pictures (B, C, H, W) in [0, 1] (the module's `decode`)."""
         return decode(self, codes)
 
+    def decode_one_hot(self, one_hot: torch.Tensor) -> torch.Tensor:
+        """(B, K, h, w) one-hot (or relaxed) codes -> pictures (B, C, H, W) in [0, 1], with gradients
+        (the sigmoid of the decoder's location)."""
+        mu = self.decoder(one_hot)[:, : self.config.channels].float()  # (B, C, H, W)
+        return unsqueeze_pixels(torch.sigmoid(mu), self.config.eps)
+
     def forward(self, images: torch.Tensor, temperature: float, kl_weight: float) -> dict[str, torch.Tensor]:
         """One training (or validation) pass through the relaxed codes.
 
@@ -299,9 +305,7 @@ def decode(model: DVAE, codes: torch.Tensor) -> torch.Tensor:
     """Codes -> pictures: int64 (B, h, w) -> float (B, C, H, W) in [0, 1] (the sigmoid of the location)."""
     device = next(model.parameters()).device
     one_hot = F.one_hot(codes.to(device), model.config.codebook_size)  # (B, h, w, K)
-    z = one_hot.permute(0, 3, 1, 2).float()  # (B, K, h, w)
-    mu = model.decoder(z)[:, : model.config.channels].float()  # (B, C, H, W)
-    return unsqueeze_pixels(torch.sigmoid(mu), model.config.eps)
+    return model.decode_one_hot(one_hot.permute(0, 3, 1, 2).float())  # (B, C, H, W)
 
 
 # ----------------------------------------------------------------------------- metrics

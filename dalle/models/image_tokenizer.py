@@ -19,6 +19,7 @@ from dalle.models.vqgan import load_vqgan
 
 # The directory name of each kind inside a pipeline directory (the kind itself).
 KINDS = ("dvae", "vqgan")
+NAMES = {"dvae": "dVAE", "vqgan": "VQGAN"}  # how messages and model cards write each kind
 
 
 @runtime_checkable
@@ -48,6 +49,11 @@ class ImageTokenizer(Protocol):
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """int64 (B, grid, grid) -> float (B, C, S, S) in [0, 1]."""
+        ...
+
+    def decode_one_hot(self, one_hot: torch.Tensor) -> torch.Tensor:
+        """(B, codebook_size, grid, grid) one-hot or relaxed codes -> (B, C, S, S) in [0, 1], with
+        gradients (what `dalle imagine` optimises through)."""
         ...
 
 

@@ -305,6 +305,13 @@ class VQGAN(nn.Module):
         """(B, embed_dim, h, w) codebook vectors -> (B, out_ch, S, S), roughly in [-1, 1]."""
         return self.decoder(self.post_quant_conv(z_q))
 
+    def decode_one_hot(self, one_hot: torch.Tensor) -> torch.Tensor:
+        """(B, K, h, w) one-hot (or relaxed) codes -> pictures (B, C, S, S) in [0, 1], with gradients:
+        the decoder reads the one-hot times the codebook. (`decode` looks the vectors up instead,
+        which needs no (B, K, h, w) tensor.)"""
+        z_q = torch.einsum("bkhw,kd->bdhw", one_hot, self.quantize.codebook)  # (B, D, h, w)
+        return to_unit(self.decode_latents(z_q).float())
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """One training pass: `losses` of the pictures' own latents."""
         return self.losses(images, self.latents(to_signed(images)))

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from dalle.checkpoint import atomic_directory, lock_directory, save_model, write_json_atomic
 from dalle.config import TrainConfig, to_dict
 from dalle.errors import DalleError
-from dalle.inference.devices import cpu_prefers_bf16
+from dalle.inference.devices import cpu_prefers_bf16, run_label
 from dalle.training.batches import shard
 from dalle.training.state import checkpoints, load_training_state, save_training_state
 
@@ -246,12 +246,8 @@ def training_precision(setting: str | None) -> str | None:
 
 def _precision_label(run: Run) -> str:
     """`fp32, 1 thread` / `bf16, 2 threads`: what this stage runs in, for the bar."""
-    names = {"no": "fp32", "bf16": "bf16", "fp16": "fp16", "fp8": "fp8"}
-    mixed = names.get(str(run.accelerator.mixed_precision), str(run.accelerator.mixed_precision))
-    if run.accelerator.device.type == "cuda":
-        return mixed
-    threads = torch.get_num_threads()
-    return f"{mixed}, {threads} thread{'s' if threads > 1 else ''}"
+    mixed = str(run.accelerator.mixed_precision)
+    return run_label(run.accelerator.device, "fp32" if mixed == "no" else mixed)
 
 
 def _resume(run: Run, resume: str | None) -> int:
