@@ -212,6 +212,10 @@ def read_model_meta(directory: str | Path, kind: str) -> dict[str, Any]:
     found = meta.get("kind")
     if found != kind:
         raise CheckpointError(f"{directory} holds a {found!r} model, expected a {kind!r} model")
+    version = meta.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{config_path}: format_version {version!r} is not one this dalle reads "
+                              f"(up to {FORMAT_VERSION}): written by a newer version?")
     return meta
 
 
@@ -296,3 +300,5 @@ def check_state_matches(model: torch.nn.Module, state: dict[str, torch.Tensor], 
         if tuple(state[name].shape) != tuple(tensor.shape):
             raise CheckpointError(f"{where}: weight '{name}' has shape {tuple(state[name].shape)}, "
                                   f"the config builds {tuple(tensor.shape)}")
+        if state[name].is_floating_point() != tensor.is_floating_point():  # int weights would load as zeros
+            raise CheckpointError(f"{where}: weight '{name}' is {state[name].dtype}, the model's is {tensor.dtype}")

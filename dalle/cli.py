@@ -278,7 +278,29 @@ def build_parser() -> argparse.ArgumentParser:
     _evaluation_parsers(commands)
     for command in commands.choices.values():  # `dalle train --threads 1` as well as `dalle --threads 1 train`
         command.add_argument("--threads", default=argparse.SUPPRESS, help=THREADS_HELP)
+    _refuse_empty_names(parser)
     return parser
+
+
+# Flags that name a file, a folder, a model or a data source: an empty one ("--out ''", a shell
+# variable that was not set) would otherwise mean the current directory.
+NAMED = {"out", "model", "images", "config", "run_dir", "prompts_file", "prime_image", "image", "mask", "strip",
+         "index_dir", "clip", "encoder", "decoder", "checkpoint", "train_data", "cache", "tarballs", "resume", "data"}
+
+
+def _not_empty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def _refuse_empty_names(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _refuse_empty_names(sub)
+        elif action.dest in NAMED and action.type is None:
+            action.type = _not_empty
 
 
 THREADS_HELP = ("torch threads on the CPU: auto (all cores when a start-up probe finds them faster than one, "

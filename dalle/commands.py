@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from dalle.checkpoint import lock_directory
+from dalle.checkpoint import lock_directory, write_text_atomic
 from dalle.config import Config, DataConfig, check_sampling, load_config
 from dalle.data.emoji import build_emoji
 from dalle.data.sources import export_folder, open_source, take
@@ -87,13 +87,14 @@ def train_tokenizer(data: str, out: str, vocab_size: int = 512, n: int = 20000, 
     """Trains a byte-level BPE on the captions of a data source and saves it as JSON."""
     _check_count("--vocab-size", vocab_size, 260, "the byte alphabet and the specials need 260")
     _check_count("--n", n, 1)
+    if Path(out).is_dir():
+        raise DalleError(f"{out} is a folder: --out names the tokenizer's file, e.g. {Path(out) / 'tokenizer.json'}")
     config = DataConfig(source=data, size=size, seed=seed, paraphrase_prob=paraphrase_prob)
     captions = [caption for _, caption in take(open_source(data, config, n=n), n)]
     if not captions:
         raise DalleError(f"no captions found in {data}")
     tokenizer = train_bpe(captions, vocab_size)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(out)
+    write_text_atomic(out, tokenizer.to_str(pretty=True))  # an OSError naming OUT (a folder, say), not the Rust one
     print(f"trained a {tokenizer.get_vocab_size()}-token BPE on {len(captions)} captions: {out}")
     return Path(out)
 
@@ -187,9 +188,8 @@ def reconstruct(model: str, images: list[str], out: str, device: str = "auto", d
     resolve_dtype(dtype, where)  # checked, so a dtype the device cannot run is still an error
     directory = Path(model) if (Path(model) / "config.json").is_file() else image_tokenizer_dir(model)
     tokenizer = load_image_tokenizer(directory).to(where)
-    pictures, _ = read_images(images, tokenizer.image_size)
-    if not pictures:
-        raise DalleError(f"no readable images among {len(images)}")
+    pictures, bad = read_images(images, tokenizer.image_size)
+    _check_read(pictures, bad)
     originals = torch.stack([t for _, t in pictures]).to(where)
     recons = tokenizer.decode(tokenizer.encode(originals))
     grid = labelled_grid([[tensor_to_pil(t) for t in originals], [tensor_to_pil(t) for t in recons]],
@@ -197,6 +197,11 @@ def reconstruct(model: str, images: list[str], out: str, device: str = "auto", d
     path = save_png(grid, out)
     print(path)
     return path
+
+
+def _check_read(pictures: list, bad: list[str]) -> None:
+    if not pictures:
+        raise DalleError(f"no readable picture among the {len(bad)} given ({bad[0]}: missing or not a picture)")
 
 
 def _device(device: str, dtype: str) -> torch.device:
@@ -238,6 +243,9 @@ def generate(model: str, out: str, prompt: list[str] | None = None, prompts_file
     _check_sampling_flags(temperature, top_k, top_p, cond_scale, batch_size)
     if frames and prime_image:
         raise DalleError("--frames shows a picture forming from nothing: it cannot be combined with --prime-image")
+    if prime_rows and not prime_image:
+        raise DalleError("--prime-rows needs --prime-image (the picture whose top rows are kept)")
+    _check_count("--every-rows", every_rows, 1)
     pipeline = load_pipeline(model, clip=clip if rerank == "clip" else None, device=device, dtype=dtype,
                              compile=compile)
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "cond_scale": cond_scale,
@@ -303,9 +311,16 @@ def imagine(model: str, prompt: str, out: str, seed: int = 0, steps: int = 100, 
 def split_labels_and_images(items: list[str]) -> tuple[list[str], list[str]]:
     """`--labels TEXT ... IMAGE ...`: the trailing items that name image files are the images."""
     split = len(items)
-    while split > 0 and (items[split - 1].lower().endswith(IMAGE_SUFFIXES) or Path(items[split - 1]).is_file()):
+    while split > 0 and (items[split - 1].lower().endswith(IMAGE_SUFFIXES) or _is_file(items[split - 1])):
         split -= 1
     return items[:split], items[split:]
+
+
+def _is_file(text: str) -> bool:
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # a label too long to be a file name, or one with a NUL in it
+        return False
 
 
 def classify(model: str, labels: list[str], clip: str | None = None, device: str = "auto",
@@ -321,6 +336,7 @@ def classify(model: str, labels: list[str], clip: str | None = None, device: str
         raise DalleError("classify needs at least one image after the labels")
     scorer = load_scorer_for(model, clip, device=_device(device, dtype))
     pictures, bad = read_images(images)
+    _check_read(pictures, bad)
     lines = []
     for start in range(0, len(pictures), 256):
         chunk = pictures[start : start + 256]
@@ -374,11 +390,15 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 7860, device: str = "
     _check_count("--queue", queue, 1, most=10_000)
     if images is not None and not Path(images).is_dir():
         raise DalleError(f"picture folder not found: {images}")
+    if not host.strip():  # "" would listen on every interface, which must be asked for by name
+        raise DalleError("--host is empty: give 127.0.0.1 (this machine), or 0.0.0.0 for every interface")
     with socket.socket() as probe:  # a port in use is a one-line error, not uvicorn's traceback
         try:
             probe.bind((host, port))
         except OSError as error:
             raise DalleError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+        except (UnicodeError, TypeError):  # a name that is not text ("encoding of hostname failed")
+            raise DalleError(f"not a host name or address: {host!r}") from None
     pipeline = load_pipeline(model, device=device, dtype=dtype)
     name = Path(model).name if Path(model).name != "model" else f"{Path(model).resolve().parent.name}/model"
     app = create_app(pipeline, name, images, max_candidates, queue)
@@ -409,6 +429,8 @@ def evaluate(model: str, out: str, candidates: int = 16, prompts: int = 50, seed
     _check_count("--prompts", prompts, 1, most=100_000)
     check_sampling(**sampling)
     if data.startswith("folder:"):
+        if not data.removeprefix("folder:").strip() or (train_data and not train_data.removeprefix("folder:").strip()):
+            raise DalleError("folder: needs the folder, e.g. --data folder:emoji/test")
         if n is not None:
             _check_count("--n", n, 1, most=1_000_000)
         pipeline = load_pipeline(model, clip=None if (clip or "").startswith("hf:") else clip, device=device,
@@ -432,6 +454,9 @@ def demo(out: str = "runs/demo", config: str = "configs/demo.yaml", fresh: bool 
          overrides: list[str] | None = None, candidates: int = 8, eval_prompts: int = 10, device: str = "auto",
          dtype: str = "auto") -> Path:
     """Trains every stage on the shapes data, samples and reranks, writes grid.png and report.html."""
+    _check_count("--candidates", candidates, 1, most=MAX_CANDIDATES)  # checked before minutes of training
+    _check_count("--eval-prompts", eval_prompts, 1, most=100_000)
+    _device(device, dtype)
     grid = run_demo(out, config, fresh=fresh, overrides=overrides, candidates=candidates, eval_prompts=eval_prompts,
                     device=device, dtype=dtype)
     print(grid)

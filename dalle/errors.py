@@ -23,7 +23,8 @@ def user_message(error: BaseException) -> str | None:
 
     Expected: `DalleError`; OS errors on the paths the user gave (missing, unreadable,
     unwritable, a file where a folder should be, a full disk); pictures PIL cannot read
-    or refuses as decompression bombs; text that is not UTF-8; YAML/JSON that does not parse."""
+    or refuses as decompression bombs; running out of memory (sizes too large for the machine);
+    text that is not UTF-8; YAML/JSON that does not parse."""
     if isinstance(error, DalleError):
         return first_line(error)
     if isinstance(error, Image.DecompressionBombError):
@@ -36,11 +37,19 @@ def user_message(error: BaseException) -> str | None:
         if error.errno == errno.ENOSPC:
             reason = "no space left on the device"
         return f"{where}{reason}"
+    if isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and _out_of_memory(error)):
+        return f"out of memory (are the sizes or counts asked for too large?): {first_line(error)}"
     if isinstance(error, UnicodeError):
         return f"text that is not UTF-8: {first_line(error)}"
     if isinstance(error, (yaml.YAMLError, json.JSONDecodeError)):
         return f"not valid YAML or JSON: {first_line(error)}"
     return None
+
+
+def _out_of_memory(error: RuntimeError) -> bool:
+    """torch's own allocation failures: CUDA's OutOfMemoryError, the CPU allocator's RuntimeError."""
+    text = str(error)
+    return type(error).__name__ == "OutOfMemoryError" or "can't allocate memory" in text or "out of memory" in text
 
 
 def first_line(error: BaseException) -> str:

@@ -81,7 +81,8 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def read_images(paths: list[str], size: int | None = None) -> tuple[list[tuple[str, torch.Tensor]], list[str]]:
-    """Reads pictures as (path, (3, S, S) float) pairs; unreadable ones are listed, not raised."""
+    """Reads pictures as (path, (3, S, S) float) pairs; unreadable ones are listed, not raised
+    (and logged when some others were read: when none was, the caller's error says so)."""
     good, bad = [], []
     for path in paths:
         try:
@@ -94,6 +95,6 @@ def read_images(paths: list[str], size: int | None = None) -> tuple[list[tuple[s
             bad.append(path)
         else:
             good.append((path, pil_to_tensor(image, size)))
-    for path in bad:
+    for path in bad if good else []:
         log.warning("skipped %s: missing or not a readable image", path)
     return good, bad

@@ -46,11 +46,30 @@ def write_bad_files(tmp: Path, model: Path) -> dict[str, str]:
     name = next(iter(weights))
     weights[name] = torch.full_like(weights[name], float("nan"))
     save_file(weights, str(nan / "dvae" / "model.safetensors"))
+    future = tmp / "future"
+    subprocess.run(["cp", "-r", str(model), str(future)], check=True)
+    meta = json.loads((future / "clip" / "config.json").read_text())
+    (future / "clip" / "config.json").write_text(json.dumps({**meta, "format_version": 99}))
+    wide = tmp / "wide"
+    subprocess.run(["cp", "-r", str(model), str(wide)], check=True)
+    meta = json.loads((wide / "transformer" / "config.json").read_text())
+    meta["config"]["dim"] = 2**40
+    (wide / "transformer" / "config.json").write_text(json.dumps(meta))
+    ints = tmp / "ints"
+    subprocess.run(["cp", "-r", str(model), str(ints)], check=True)
+    weights = load_file(str(ints / "dvae" / "model.safetensors"))
+    save_file({k: v.to(torch.int32) if v.is_floating_point() else v for k, v in weights.items()},
+              str(ints / "dvae" / "model.safetensors"))
+    blank = tmp / "blank-captions"
+    blank.mkdir()
+    (blank / "0.png").write_bytes((ROOT / "docs" / "attention_masks.png").read_bytes())
+    (blank / "0.txt").write_text("\n")
     images = tmp / "images"
     images.mkdir()
     (images / "a.png").write_bytes((ROOT / "docs" / "attention_masks.png").read_bytes())
     (images / ".dalle-index").symlink_to(tmp / "adir")
-    return {"tmp": str(tmp), "model": str(model), "listed": str(listed), "nan": str(nan), "images": str(images)}
+    return {"tmp": str(tmp), "model": str(model), "listed": str(listed), "nan": str(nan), "images": str(images),
+            "future": str(future), "wide": str(wide), "ints": str(ints), "blank": str(blank)}
 
 
 GEN = ["generate", "--model", "{model}", "--prompt", "a red circle", "--out", "{tmp}/out"]
@@ -87,6 +106,30 @@ PROBES = {
     "eval of unknown data": ["eval", "--model", "{model}", "--out", "{tmp}/e", "--data", "emoji"],
     "not a number": [*GEN, "--candidates", "many"],
     "unknown flag": [*GEN, "--colour", "red"],
+    # found by probing every subcommand (issue #22)
+    "threads past a C int": ["--threads", "99999999999", "data", "export", "--n", "1", "--out", "{tmp}/d"],
+    "a 100000-pixel picture size": ["data", "export", "--n", "1", "--size", "100000", "--out", "{tmp}/d"],
+    "shapes of 16 pixels": [*TRAIN, "--set", "data.size=16", "--set", "dvae.image_size=16"],
+    "negative data seed": ["data", "export", "--n", "1", "--seed", "-1", "--out", "{tmp}/d"],
+    "negative training seed": [*TRAIN, "--set", "train.dvae.seed=-1"],
+    "2**40 pairs in memory": [*TRAIN, "--set", "data.n=1099511627776"],
+    "an empty --out": ["data", "export", "--n", "0", "--out", ""],
+    "an empty run_dir": ["train-vae", "--config", str(TINY), "--set", "run_dir=''"],
+    "shapes with an argument": ["data", "export", "--n", "1", "--data", "shapes:3", "--out", "{tmp}/d"],
+    "only blank captions": ["data", "export", "--n", "1", "--data", "folder:{blank}", "--out", "{tmp}/d"],
+    "tokenizer --out is a folder": ["train-tokenizer", "--out", "{tmp}/adir", "--n", "20", "--vocab-size", "300"],
+    "layers 2**40 wide": ["generate", "--model", "{wide}", "--prompt", "a", "--out", "{tmp}/o"],
+    "a format_version from the future": ["generate", "--model", "{future}", "--prompt", "a", "--out", "{tmp}/o"],
+    "integer weights": ["generate", "--model", "{ints}", "--prompt", "a", "--out", "{tmp}/o"],
+    "prime rows without a picture": [*GEN, "--prime-rows", "3"],
+    "every-rows 0": [*GEN, "--every-rows", "0"],
+    "a box of superscript digits": ["edit", "--model", "{model}", "--image", "{images}/a.png", "--box", "\u00b2,0,8,8",
+                                    "--prompt", "a", "--out", "{tmp}/e"],
+    "classify an unreadable picture": ["classify", "--model", "{model}", "--labels", "a", "{tmp}/garbage.png"],
+    "serve on an empty host": ["serve", "--model", "{model}", "--host", "", "--port", "7861"],
+    "serve on a host that is not text": ["serve", "--model", "{model}", "--host", "\udcff", "--port", "7861"],
+    "eval of folder: without a folder": ["eval", "--model", "{model}", "--out", "{tmp}/e", "--data", "folder:"],
+    "demo with no candidates": ["demo", "--out", "{tmp}/demo", "--candidates", "0"],
 }
 
 
@@ -183,6 +226,26 @@ def test_a_kill_between_the_two_renames_loses_nothing(tmp_path):
         read_model_meta(model, "transformer")
     assert json.loads((model / "config.json").read_text()) == {"kind": "old"}
     assert [p.name for p in tmp_path.iterdir()] == ["transformer"]  # the dead run's copies are cleaned
+
+
+def test_an_index_of_nan_or_misshapen_embeddings_is_rebuilt(tiny_pipeline, tmp_path, capsys):
+    images = tmp_path / "images"
+    assert main(["data", "export", "--n", "3", "--out", str(images)]) == 0
+    search = ["search", "--model", str(tiny_pipeline), "--images", str(images), "--query", "a red circle"]
+    assert main(search) == 0
+    embeddings = images / ".dalle-index" / "embeddings.safetensors"
+    for broken in (torch.full((3, 16), float("nan")), torch.zeros(3, 999)):
+        save_file({"embeddings": broken}, str(embeddings))
+        capsys.readouterr()
+        assert main(search) == 0
+        hits = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert len(hits) == 3 and all(hit["score"] == hit["score"] for hit in hits), hits  # no NaN
+
+
+def test_a_label_too_long_to_be_a_file_name_is_a_label(tiny_pipeline, tmp_path, capsys):
+    picture = ROOT / "docs" / "attention_masks.png"
+    assert main(["classify", "--model", str(tiny_pipeline), "--labels", "x" * 5000, str(picture)]) == 0
+    assert json.loads(capsys.readouterr().out)["label"] == "x" * 5000
 
 
 def test_odd_text_and_a_corrupt_index_still_give_results(tiny_pipeline, tmp_path, capsys):

@@ -102,6 +102,8 @@ BAD = {
     "no labels": ("/api/classify", {"image_base64": "", "labels": []}),
     "an empty query": ("/api/search", {"query": " "}),
     "a box and no picture": ("/api/edit", {"box": [0, 0, 8, 8], "prompt": "a"}),
+    "a label that is not UTF-8": ("/api/classify", {"image_base64": b64_png(Image.new("RGB", (8, 8))),
+                                                    "labels": ["\udcff"]}),
 }
 
 
@@ -113,6 +115,19 @@ def test_bad_requests_get_a_4xx_with_one_line_and_the_server_keeps_serving(clien
     message = reply.json()["error"]
     assert isinstance(message, str) and "\n" not in message and message
     assert client.get("/api/health").status_code == 200
+
+
+def test_a_picture_removed_after_indexing_is_left_out_of_the_hits(tiny_pipeline, tmp_path):
+    for index in range(3):
+        shapes.render("test", 0, index, 32)[0].save(tmp_path / f"{index}.png")
+    app = create_app(load_pipeline(tiny_pipeline, device="cpu"), "tiny", tmp_path, max_candidates=8, queue=2)
+    with TestClient(app) as test_client:
+        assert len(test_client.post("/api/search", json={"query": "a", "k": 3}).json()["hits"]) == 3
+        (tmp_path / "0.png").unlink()
+        for _ in range(2):  # the stale index, then the rebuilt one
+            reply = test_client.post("/api/search", json={"query": "a", "k": 3})
+            assert reply.status_code == 200
+            assert sorted(hit["image"] for hit in reply.json()["hits"]) == ["1.png", "2.png"]
 
 
 def test_a_huge_body_is_refused_before_it_is_read(client):

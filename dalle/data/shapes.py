@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from dalle.errors import DalleError
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
@@ -133,6 +135,12 @@ def draw(objects: list[ShapeObject], size: int) -> Image.Image:
     return Image.fromarray(canvas, mode="RGB")
 
 
+def check_size(size: int) -> None:
+    """Shapes are drawn on 32 pixels at least (a size from the user's config or flags: one line)."""
+    if size < 32:
+        raise DalleError(f"shapes images need size >= 32, got {size}")
+
+
 def _rng(split: str, seed: int, index: int) -> np.random.Generator:
     if split not in SPLIT_IDS:
         raise ValueError(f"unknown split {split!r}: train or test")
@@ -227,8 +235,7 @@ def render(split: str, seed: int, index: int, size: int = 32, paraphrase_prob: f
         paraphrase_prob: chance of a non-canonical caption ("a picture of ...").
         one_object_share: the share of one-object scenes (see `sample_scene`).
     """
-    if size < 32:
-        raise ValueError(f"shapes images need size >= 32, got {size}")
+    check_size(size)
     scene = sample_scene(split, seed, index, one_object_share)
     rng = _rng(split, seed, index + 1_000_003)  # a separate stream for geometry
     objects = place(scene, size, rng)

@@ -392,7 +392,9 @@ def open_source(spec: str | None, config: DataConfig, n: int | None = None) -> S
         n: for `shapes`, how many items (None: endless).
     """
     spec = spec or config.source
-    kind, _, argument = spec.partition(":")
+    kind, colon, argument = spec.partition(":")
+    if kind in ("shapes", "digits") and colon:
+        raise DataError(f"{kind} takes no argument, got {spec!r}")
     if kind == "shapes":
         return ShapesSource(config, n=n)
     if kind == "digits":
@@ -413,6 +415,8 @@ def take(source: Source, n: int) -> list[tuple[Image.Image, str]]:
         pairs.append(pair)
         if len(pairs) >= n:
             break
+    if n > 0 and not pairs and source.skipped:  # every file was broken: nothing to go on with
+        raise DataError(f"no usable pairs: {source.summary()}")
     if source.skipped:
         log.warning(source.summary())
     return pairs

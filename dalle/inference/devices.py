@@ -121,6 +121,9 @@ def measured_threads() -> int:
     return cores if every >= THREADS_GAIN * one else 1
 
 
+MAX_THREADS = 4096  # more is a typo (torch's own limit is a C int)
+
+
 def choose_threads(spec: str | int | None = "auto") -> int:
     """`auto` (the measured rule, `measured_threads`) or a count, applied with
     torch.set_num_threads; returns the count. DALLE_THREADS in the environment overrides auto."""
@@ -132,8 +135,8 @@ def choose_threads(spec: str | int | None = "auto") -> int:
             threads = int(spec)
         except ValueError:
             raise DalleError(f"--threads must be auto or a positive count, got {spec!r}") from None
-        if threads < 1:
-            raise DalleError(f"--threads must be auto or a positive count, got {spec!r}")
+        if not 1 <= threads <= MAX_THREADS:
+            raise DalleError(f"--threads must be auto or a count in [1, {MAX_THREADS}], got {spec!r}")
     torch.set_num_threads(threads)
     return threads
 

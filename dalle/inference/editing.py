@@ -7,6 +7,7 @@ the region is resized the same way, and a code is redrawn when any pixel of its 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import BinaryIO
 
@@ -42,7 +43,7 @@ def read_picture(path: str | Path | BinaryIO | Image.Image, what: str = "picture
 def parse_box(text: str) -> tuple[int, int, int, int]:
     """`x0,y0,x1,y1` (pixels of the picture, x1 and y1 excluded) as four ints."""
     parts = [p.strip() for p in str(text).split(",")]
-    if len(parts) != 4 or not all(p.lstrip("-").isdigit() for p in parts):
+    if len(parts) != 4 or not all(re.fullmatch(r"-?[0-9]+", p) for p in parts):  # not "²": isdigit, not int
         raise DalleError(f"a box is x0,y0,x1,y1 in pixels, e.g. 0,0,16,16; got {text!r}")
     x0, y0, x1, y1 = (int(p) for p in parts)
     return x0, y0, x1, y1

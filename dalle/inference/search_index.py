@@ -58,7 +58,8 @@ def build_or_load_index(scorer: Scorer, folder: str | Path, model_id: str, batch
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             saved = load_file(str(weights_path))["embeddings"]
-            if meta.get("model") == model_id and saved.shape[0] == len(meta["files"]):
+            if (meta.get("model") == model_id and saved.shape == (len(meta["files"]), scorer.embed_dim)
+                    and torch.isfinite(saved).all()):
                 old = {name: (stat, saved[i]) for i, (name, stat) in enumerate(meta["files"])}
                 old_bad = {name: stat for name, stat in meta.get("unreadable", [])}
         except (OSError, ValueError, KeyError, TypeError, IndexError, SafetensorError):

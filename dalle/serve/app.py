@@ -74,6 +74,14 @@ class ClassifyRequest(BaseModel):
     labels: list[str]
 
 
+def _not_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def resident_mb() -> float | None:
     """This process's resident memory in MB (Linux /proc; None elsewhere)."""
     try:
@@ -278,9 +286,15 @@ def _clip_routes(app: FastAPI, server: Server) -> None:
             if not names:
                 return []
             indices, scores = search(pipeline.scorer, body.query, embeddings, body.k)
-            return [{"image": names[i], "score": float(s),
-                     "png_base64": png_base64(Image.open(server.images / names[i]).convert("RGB"))}
-                    for i, s in zip(indices.tolist(), scores.tolist())]
+            hits = []
+            for i, s in zip(indices.tolist(), scores.tolist()):
+                try:
+                    picture = Image.open(server.images / names[i]).convert("RGB")
+                except OSError:  # removed or damaged since the index was built: rebuilt on the next search
+                    server.index = None
+                    continue
+                hits.append({"image": names[i], "score": float(s), "png_base64": png_base64(picture)})
+            return hits
 
         return {"hits": await server.run(request, work)}
 
@@ -291,6 +305,8 @@ def _clip_routes(app: FastAPI, server: Server) -> None:
         labels = [label for label in body.labels if label.strip()]
         if not labels or len(labels) > 100 or any(len(label) > 1000 for label in labels):
             raise DalleError("give 1 to 100 labels of at most 1000 characters")
+        if any(_not_utf8(label) for label in labels):  # the answer echoes them, as UTF-8
+            raise DalleError("the labels must be UTF-8 text")
         picture = decode_upload(body.image_base64, "the picture")
         probs = await server.run(request, lambda job: classify(pipeline.scorer, [picture], labels)[0].tolist())
         best = max(range(len(labels)), key=probs.__getitem__)

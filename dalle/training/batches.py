@@ -143,6 +143,7 @@ def shard(batch: dict[str, Any], index: int, count: int) -> dict[str, Any]:
 def shapes_batch_maker(config: Config):
     """Endless shapes: item i of the training split, rendered on demand."""
     data = config.data
+    shapes.check_size(data.size)  # before the stage's progress bar starts
 
     def make(indices: list[int]) -> dict[str, Any]:
         pairs = [shapes.render(data.split, data.seed, i, data.size, data.paraphrase_prob, data.one_object_share)
