@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dalle.checkpoint import CheckpointError
-from dalle.config import DVAEConfig
+from dalle.config import ConfigError, DVAEConfig
 from dalle.models.dvae import (
     DVAE,
     codebook_stats,
@@ -45,9 +45,10 @@ def toy_images(n: int = 8, size: int = 16, seed: int = 0) -> torch.Tensor:
     return images
 
 
-def test_forward_shapes_and_gradients():
+@pytest.mark.parametrize("layout", ["openai", "light"])
+def test_forward_shapes_and_gradients(layout):
     torch.manual_seed(0)
-    model = DVAE(tiny())
+    model = DVAE(tiny(layout=layout))
     images = toy_images(4)
     out = model(images, temperature=1.0, kl_weight=6.6)
     assert out["logits"].shape == (4, 32, 4, 4)  # 3 groups: 16 / 2**2 = 4
@@ -62,17 +63,50 @@ def test_forward_shapes_and_gradients():
     assert model.encoder.input.weight.grad.abs().sum() > 0
 
 
-def test_grid_size_follows_groups():
+@pytest.mark.parametrize("layout", ["openai", "light"])
+def test_grid_size_follows_groups(layout):
     for groups, grid in ((1, 16), (2, 8), (4, 2)):
-        config = tiny(groups=groups)
+        if layout == "light" and groups == 1:
+            with pytest.raises(ConfigError, match="dvae.groups"):
+                tiny(groups=groups, layout=layout)
+            continue
+        config = tiny(groups=groups, layout=layout)
         assert config.grid_size == grid
-        assert encode(DVAE(config), toy_images(2)).shape == (2, grid, grid)
+        model = DVAE(config)
+        assert encode(model, toy_images(2)).shape == (2, grid, grid)
+        assert decode(model, torch.zeros(2, grid, grid, dtype=torch.long)).shape == (2, 3, 16, 16)
 
 
-@pytest.mark.parametrize("loss", ["logit_laplace", "mse"])
-def test_tiny_training_lowers_the_loss(loss):
+def test_light_layout_keeps_every_group_off_the_full_resolution():
+    """The light layout's encoder sees the picture only through its 2x2 unshuffle stem, and every
+    group is `hidden` wide, so it has fewer weights than OpenAI's at the same sizes."""
+    light, openai = DVAE(tiny(layout="light")), DVAE(tiny(layout="openai"))
+    assert light.encoder.input.in_channels == 12 and light.encoder.input.kernel_size == (3, 3)
+    assert all(block.res_path.conv_4.out_channels == 16 for block in
+               (group.block_1 for group in light.encoder.groups))
+    assert light.decoder.output.conv.out_channels == 4 * 6
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(light) < count(openai)
+
+
+def test_files_saved_before_layouts_existed_load_as_openai(tmp_path):
     torch.manual_seed(0)
-    config = tiny(loss=loss)
+    model = DVAE(tiny(layout="openai")).eval()
+    save_dvae(model, tmp_path / "dvae")
+    meta_path = tmp_path / "dvae" / "config.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["layout"]
+    meta_path.write_text(json.dumps(meta))
+    loaded = load_dvae(tmp_path / "dvae")
+    assert loaded.config.layout == "openai"
+    images = toy_images(2)
+    assert torch.equal(encode(loaded, images), encode(model, images))
+
+
+@pytest.mark.parametrize("loss,layout", [("logit_laplace", "openai"), ("mse", "openai"), ("mse", "light")])
+def test_tiny_training_lowers_the_loss(loss, layout):
+    torch.manual_seed(0)
+    config = tiny(loss=loss, layout=layout)
     model = DVAE(config)
     images = toy_images(8)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)

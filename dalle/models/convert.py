@@ -89,6 +89,7 @@ def convert_openai_dvae(encoder_pkl: str | Path, decoder_pkl: str | Path, out_di
             hidden=encoder.n_hid,
             blocks_per_group=encoder.n_blk_per_group,
             groups=OPENAI_GROUPS,
+            layout="openai",
             codebook_size=encoder.vocab_size,
             decoder_init=decoder.n_init,
             eps=0.1,  # dall_e.utils.logit_laplace_eps, baked into what the weights expect
@@ -166,8 +167,7 @@ def taming_config(path: str | Path) -> tuple[VQGANConfig, str]:
     if dd.get("double_z", True) or not dd.get("resamp_with_conv", True) or dd.get("give_pre_end", False):
         raise DalleError(f"{path}: ddconfig needs double_z: false, resamp_with_conv: true and no give_pre_end "
                          "(as taming's VQGANs have them)")
-    values.update(quantizer=TAMING_CLASSES[name], beta=TAMING_BETA, ch_mult=list(values["ch_mult"]),
-                  attn_resolutions=list(values["attn_resolutions"]))
+    values.update(quantizer=TAMING_CLASSES[name], beta=TAMING_BETA)  # from_dict checks the lists' types
     try:
         return from_dict(VQGANConfig, values, source=str(path)), name
     except ConfigError as error:
