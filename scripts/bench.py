@@ -117,7 +117,8 @@ def make_spec(args: argparse.Namespace) -> dict:
         "sample_batch": args.sample_batch, "cond_scale": args.cond_scale, "sample_budget": args.sample_budget,
         "sample_min_seconds": args.sample_min_seconds,
         "peer_inference": args.peer_inference,
-        "dvae_image_size": image_size, "dvae_hidden": args.dvae_hidden, "dvae_batch": args.dvae_batch,
+        "dvae_image_size": image_size, "dvae_hidden": args.dvae_hidden, "dvae_layout": args.dvae_layout,
+        "dvae_batch": args.dvae_batch,
         "dvae_steps": args.dvae_steps,
         "threads": args.threads, "seed": args.seed, "lr": 1e-4,
     }
@@ -269,7 +270,7 @@ def measure_ours(task: str, spec: dict) -> dict:
 
         groups = int(math.log2(spec["dvae_image_size"] // spec["grid"])) + 1
         config = DVAEConfig(image_size=spec["dvae_image_size"], hidden=spec["dvae_hidden"], groups=groups,
-                            blocks_per_group=1, codebook_size=spec["image_vocab"])
+                            blocks_per_group=1, codebook_size=spec["image_vocab"], layout=spec["dvae_layout"])
         model = DVAE(config).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"])
         images = torch.rand(spec["dvae_batch"], 3, config.image_size, config.image_size,
@@ -639,6 +640,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="our MLP width / dim; 6 matches the parameters of the peer's GEGLU (mult 4)")
     size.add_argument("--dvae-image-size", type=int, default=64)
     size.add_argument("--dvae-hidden", type=int, default=64)
+    size.add_argument("--dvae-layout", choices=("openai", "light"), default="openai",
+                      help="our dVAE's layout (dvae.layout; openai is the default of DVAEConfig)")
     work = parser.add_argument_group("the measurements")
     work.add_argument("--train-batch", type=int, default=8)
     work.add_argument("--train-steps", type=int, default=20, help="timed steps per training measurement")
