@@ -121,7 +121,9 @@ class Block(nn.Module):
                 start: int = 0, block_mask=None, windows=None) -> Tensor:
         x = x + self.dropout(self.attn(self.ln1(x), mask, cache, start, block_mask, windows))  # (B, T, D)
         fc1, fc2 = self.mlp[0], self.mlp[2]
-        if torch.is_grad_enabled():  # training: the GELU is recomputed in backward (GeluLinear)
+        # Training in full precision: the GELU is recomputed in backward (GeluLinear, which does
+        # not follow autocast's casts; under autocast the two unfused ops run).
+        if torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
             mlp = GeluLinear.apply(fc1(self.ln2(x)), fc2.weight, fc2.bias)
         else:
             mlp = self.mlp(self.ln2(x))
