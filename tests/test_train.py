@@ -239,3 +239,24 @@ def test_a_resumed_log_has_each_step_once(tmp_path):
 
     steps = [json.loads(line)["step"] for line in log_path.read_text().splitlines()]
     assert steps == list(range(1, 9))
+
+
+def test_a_damaged_stage_directory_is_named_not_taken_as_trained(tiny_pipeline, tmp_path):
+    """train-all keeps stages already in the run directory; one whose files are broken is an
+    error naming it (it used to count as trained, and train-all exited 0)."""
+    import shutil
+
+    from dalle.errors import DalleError
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_pipeline, run)
+    config = load_config(TINY, [f"run_dir={run}"])
+    assert all(stages.is_trained(config, stage) for stage in stages.stage_names(config))
+    (run / "clip" / "model.safetensors").unlink()
+    with pytest.raises(DalleError, match="clip has no model.safetensors.*remove"):
+        stages.is_trained(config, "clip")
+    (run / "transformer" / "config.json").write_text('{"kind": "dvae", "config": {}}')
+    with pytest.raises(DalleError, match="holds a 'dvae' model, expected a 'transformer'"):
+        stages.is_trained(config, "transformer")
+    shutil.rmtree(run / "dvae")
+    assert not stages.is_trained(config, "dvae")

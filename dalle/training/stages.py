@@ -28,7 +28,14 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from dalle.checkpoint import atomic_directory
+from dalle.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    WEIGHTS_INDEX,
+    CheckpointError,
+    atomic_directory,
+    read_model_meta,
+)
 from dalle.config import Config
 from dalle.data import shapes
 from dalle.data.sources import open_source, take
@@ -86,9 +93,22 @@ def stage_names(config: Config) -> tuple[str, ...]:
 
 
 def is_trained(config: Config, stage: str) -> bool:
-    """Whether the run directory already holds this stage's result."""
+    """Whether the run directory already holds this stage's result; a stage directory that is
+    there but damaged (its config.json unreadable or of another kind, no weights) is an error
+    that names it, not a stage taken as trained."""
     run_dir = Path(config.run_dir)
-    return (run_dir / TOKENIZER_FILE).is_file() if stage == "tokenizer" else (run_dir / stage / "config.json").is_file()
+    if stage == "tokenizer":
+        return (run_dir / TOKENIZER_FILE).is_file()
+    directory = run_dir / stage
+    if not (directory / CONFIG_FILE).is_file():
+        return False
+    try:
+        read_model_meta(directory, stage)
+        if not ((directory / WEIGHTS_FILE).is_file() or (directory / WEIGHTS_INDEX).is_file()):
+            raise CheckpointError(f"{directory} has no {WEIGHTS_FILE} (nor {WEIGHTS_INDEX})")
+    except CheckpointError as error:
+        raise DalleError(f"{error}; remove {directory} to train this stage again") from None
+    return True
 
 
 def train_all(config: Config, progress: bool = True, retrain_tokenizer: bool = False) -> dict[str, dict[str, Any]]:
