@@ -219,7 +219,8 @@ def read_model_meta(directory: str | Path, kind: str) -> dict[str, Any]:
     return meta
 
 
-def load_model(directory: str | Path, kind: str, config_class: type, build) -> tuple[torch.nn.Module, Any]:
+def load_model(directory: str | Path, kind: str, config_class: type, build,
+               legacy: dict | None = None) -> tuple[torch.nn.Module, Any]:
     """Loads a model directory written by `save_model`.
 
     Args:
@@ -227,6 +228,8 @@ def load_model(directory: str | Path, kind: str, config_class: type, build) -> t
         kind: the expected kind ("dvae", ...).
         config_class: the dataclass of that kind's config.
         build: a callable that makes the module from a config instance.
+        legacy: config fields that files written before the field existed lack, with the value
+            those files meant.
 
     Returns:
         The module (in eval mode) and its config.
@@ -234,7 +237,10 @@ def load_model(directory: str | Path, kind: str, config_class: type, build) -> t
     directory = Path(directory)
     meta = read_model_meta(directory, kind)
     try:
-        config = from_dict(config_class, meta.get("config", {}), source=str(directory / CONFIG_FILE))
+        saved = meta.get("config", {})
+        if isinstance(saved, dict):  # (anything else is from_dict's one-line error)
+            saved = {**(legacy or {}), **saved}
+        config = from_dict(config_class, saved, source=str(directory / CONFIG_FILE))
     except ConfigError as error:
         raise CheckpointError(str(error)) from None
     model = build(config)

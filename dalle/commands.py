@@ -52,7 +52,7 @@ def _check_count(flag: str, value: int, least: int, why: str = "", most: int = 1
 
 def data_export(data: str, split: str, n: int, size: int, seed: int, out: str) -> Path:
     """Writes N pairs of a source as DIR/00000.png + DIR/00000.txt (readable by folder:DIR)."""
-    _check_count("--n", n, 0)
+    _check_count("--n", n, 1)
     source = open_source(data, DataConfig(source=data, split=split, size=size, seed=seed), n=n)
     with lock_directory(out):
         count = export_folder(take(source, n), out)
@@ -201,7 +201,8 @@ def reconstruct(model: str, images: list[str], out: str, device: str = "auto", d
 
 def _check_read(pictures: list, bad: list[str]) -> None:
     if not pictures:
-        raise DalleError(f"no readable picture among the {len(bad)} given ({bad[0]}: missing or not a picture)")
+        first = f" ({bad[0]}: missing or not a picture)" if bad else ""
+        raise DalleError(f"no readable picture among the {len(bad)} given{first}")
 
 
 def _device(device: str, dtype: str) -> torch.device:
@@ -246,6 +247,8 @@ def generate(model: str, out: str, prompt: list[str] | None = None, prompts_file
     if prime_rows and not prime_image:
         raise DalleError("--prime-rows needs --prime-image (the picture whose top rows are kept)")
     _check_count("--every-rows", every_rows, 1)
+    if every_rows != 1 and not frames:
+        raise DalleError("--every-rows spaces the frames of --frames: give --frames too")
     pipeline = load_pipeline(model, clip=clip if rerank == "clip" else None, device=device, dtype=dtype,
                              compile=compile)
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "cond_scale": cond_scale,

@@ -84,9 +84,14 @@ def test_light_layout_keeps_every_group_off_the_full_resolution():
     assert light.encoder.input.in_channels == 12 and light.encoder.input.kernel_size == (3, 3)
     assert all(block.res_path.conv_4.out_channels == 16 for block in
                (group.block_1 for group in light.encoder.groups))
-    assert light.decoder.output.conv.out_channels == 4 * 6
+    assert light.decoder.output.conv.out_channels == 6 and light.decoder.output.conv.kernel_size == (3, 3)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(light) < count(openai)
+    sides = {}
+    for name, model in (("light", light), ("openai", openai)):
+        model.encoder.groups[0].block_1.register_forward_hook(lambda m, i, o, name=name: sides.update({name: o.shape}))
+        model(toy_images(2), temperature=1.0, kl_weight=0.0)
+    assert sides == {"light": (2, 16, 8, 8), "openai": (2, 16, 16, 16)}  # the first group: half / full resolution
 
 
 def test_files_saved_before_layouts_existed_load_as_openai(tmp_path):

@@ -123,6 +123,8 @@ PROBES = {
     "integer weights": ["generate", "--model", "{ints}", "--prompt", "a", "--out", "{tmp}/o"],
     "prime rows without a picture": [*GEN, "--prime-rows", "3"],
     "every-rows 0": [*GEN, "--every-rows", "0"],
+    "every-rows without frames": [*GEN, "--every-rows", "4"],
+    "export of no pair": ["data", "export", "--n", "0", "--out", "{tmp}/export0"],
     "a box of superscript digits": ["edit", "--model", "{model}", "--image", "{images}/a.png", "--box", "\u00b2,0,8,8",
                                     "--prompt", "a", "--out", "{tmp}/e"],
     "classify an unreadable picture": ["classify", "--model", "{model}", "--labels", "a", "{tmp}/garbage.png"],

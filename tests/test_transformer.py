@@ -83,8 +83,6 @@ def test_the_mlp_recomputing_its_gelu_gives_the_unfused_values_and_gradients():
     model(text, image)["loss"].backward()
     for a, b in zip(fused, (p.grad for p in model.parameters())):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    with torch.no_grad():
-        assert torch.isfinite(model(text, image)["loss"])
 
 
 def test_prefix_forward_matches_full_forward():

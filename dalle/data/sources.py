@@ -409,8 +409,10 @@ def open_source(spec: str | None, config: DataConfig, n: int | None = None) -> S
 
 
 def take(source: Source, n: int) -> list[tuple[Image.Image, str]]:
-    """The first n pairs of a source (fewer if it runs out)."""
+    """The first n pairs of a source (fewer if it runs out; none for n <= 0)."""
     pairs = []
+    if n <= 0:
+        return pairs
     for pair in source:
         pairs.append(pair)
         if len(pairs) >= n:

@@ -14,11 +14,12 @@ any number of groups:
   groups * blocks_per_group) to its identity path, so a deep stack starts close to the
   identity and trains without normalisation layers.
 
-`layout: light` (an option; `openai` is the default) keeps these blocks but moves every group off
+`layout: light` (the default; `openai` is the released layout) keeps these blocks but moves every group off
 the full resolution: the encoder starts with a 2x2 pixel-unshuffle and a 3x3 convolution,
 its first group runs at half resolution without a pool after it, every group is `hidden`
-wide; the decoder mirrors it and ends with a 3x3 convolution to 4 numbers per output value
-and a 2x2 pixel-shuffle. Same grid, about a fifth of the multiply-adds at 64 px.
+wide; the decoder mirrors it, upsampling after its last group instead of its next-to-last,
+and ends with a 3x3 convolution, its only layer at full resolution. Same grid, a fraction
+of the multiply-adds at 64 px.
 
 Training follows the paper (Ramesh et al. 2021, appendix A.2): the codes are relaxed with
 Gumbel-softmax at a temperature annealed from 1 to 1/16, the KL to the uniform prior over
@@ -130,22 +131,22 @@ class Decoder(nn.Module):
             layers: OrderedDict[str, nn.Module] = OrderedDict()
             for i in range(c.blocks_per_group):
                 layers[f"block_{i + 1}"] = ResidualBlock(width if i == 0 else out, out, n_layers, (1, 3, 3, 3))
-            if g < c.groups - (2 if self.light else 1):  # light: the head does the last 2x
+            # openai: after every group but the last; light: after the last one instead of the
+            # next-to-last (undoing the encoder's stem at the end).
+            if g < c.groups - 2 or g == (c.groups - 1 if self.light else c.groups - 2):
                 layers["upsample"] = nn.Upsample(scale_factor=2, mode="nearest")
             groups.append(nn.Sequential(layers))
             width = out
         self.groups = nn.ModuleList(groups)
-        head = conv(width, 8 * c.channels, 3) if self.light else conv(width, 2 * c.channels, 1)
-        self.output = nn.Sequential(OrderedDict(relu=nn.ReLU(), conv=head))
+        head = conv(width, 2 * c.channels, 3 if self.light else 1)  # light: 3x3, the only full-resolution layer
+        # light: the ReLU overwrites the upsampled map (nothing else reads it), one full-resolution copy less
+        self.output = nn.Sequential(OrderedDict(relu=nn.ReLU(inplace=self.light), conv=head))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.input(z)  # (B, decoder_init, h, w)
         for group in self.groups:
             x = group(x)
-        x = self.output(x)
-        if self.light:
-            x = F.pixel_shuffle(x, 2)  # (B, 8C, H / 2, W / 2) -> (B, 2C, H, W)
-        return x  # (B, 2C, H, W): location, then log-scale, per channel
+        return self.output(x)  # (B, 2C, H, W): location, then log-scale, per channel
 
 
 # ----------------------------------------------------------------------------- the model
@@ -360,5 +361,5 @@ def save_dvae(model: DVAE, directory: str | Path, extra: dict | None = None) -> 
 
 def load_dvae(directory: str | Path) -> DVAE:
     """Loads a dVAE directory in eval mode; a mismatched one fails with one line (CheckpointError)."""
-    model, _ = load_model(directory, KIND, DVAEConfig, DVAE)
+    model, _ = load_model(directory, KIND, DVAEConfig, DVAE, legacy={"layout": "openai"})  # saved before layouts
     return model

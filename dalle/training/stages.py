@@ -35,6 +35,7 @@ from dalle.checkpoint import (
     CheckpointError,
     atomic_directory,
     read_model_meta,
+    write_text_atomic,
 )
 from dalle.config import Config
 from dalle.data import shapes
@@ -74,13 +75,13 @@ def prepare_tokenizer(config: Config, retrain: bool = False) -> Tokenizer:
         run_dir.mkdir(parents=True, exist_ok=True)
         source = Path(config.tokenizer.path)
         if source.is_file() and not retrain:
-            shutil.copyfile(source, target)
+            write_text_atomic(target, source.read_text(encoding="utf-8"))
         else:
             data = replace(config.data, paraphrase_prob=max(config.data.paraphrase_prob, 0.2))
             limit = 5000 if data.source == "shapes" else (config.data.n or None)
             pairs = take(open_source(data.source, data, n=limit), limit or 10**9)
             captions = [caption for _, caption in pairs]
-            train_bpe(captions, config.tokenizer.vocab_size).save(str(target))
+            write_text_atomic(target, train_bpe(captions, config.tokenizer.vocab_size).to_str(pretty=True))
     return load_tokenizer(target, config.tokenizer.text_len)
 
 
