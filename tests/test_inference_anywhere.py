@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -86,7 +87,9 @@ def test_generate_frames_writes_an_animation_per_kept_picture(tiny_pipeline, tmp
         assert gif.n_frames == 2  # 4 rows, then all 8: the finished picture
         gif.seek(gif.n_frames - 1)
         final = Image.open(tmp_path / line["image"]).convert("RGB").resize(gif.size, Image.Resampling.NEAREST)
-        assert gif.convert("RGB").tobytes() == final.tobytes()
+        # A GIF frame has at most 256 colours: equal up to the palette's rounding.
+        difference = np.abs(np.asarray(gif.convert("RGB"), dtype=int) - np.asarray(final, dtype=int))
+        assert difference.max() <= 24 and difference.mean() < 2
 
 
 # ----------------------------------------------------------------------------- editing
