@@ -642,8 +642,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="our MLP width / dim; 6 matches the parameters of the peer's GEGLU (mult 4)")
     size.add_argument("--dvae-image-size", type=int, default=64)
     size.add_argument("--dvae-hidden", type=int, default=64)
-    size.add_argument("--dvae-layout", choices=("openai", "light"), default="openai",
-                      help="our dVAE's layout (dvae.layout; openai is the default of DVAEConfig)")
+    size.add_argument("--dvae-layout", choices=("openai", "light"), default="light",
+                      help="our dVAE's layout (dvae.layout; light is DVAEConfig's default)")
     work = parser.add_argument_group("the measurements")
     work.add_argument("--train-batch", type=int, default=8)
     work.add_argument("--train-steps", type=int, default=20, help="timed steps per training measurement")
