@@ -417,7 +417,7 @@ def take(source: Source, n: int) -> list[tuple[Image.Image, str]]:
         pairs.append(pair)
         if len(pairs) >= n:
             break
-    if n > 0 and not pairs and source.skipped:  # every file was broken: nothing to go on with
+    if not pairs and source.skipped:  # every file was broken: nothing to go on with
         raise DataError(f"no usable pairs: {source.summary()}")
     if source.skipped:
         log.warning(source.summary())

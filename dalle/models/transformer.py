@@ -80,8 +80,8 @@ def drop_captions(text: Tensor, p: float, generator: torch.Generator | None = No
 class GeluLinear(torch.autograd.Function):
     """`F.linear(F.gelu(h), weight, bias)` that saves `h` but not `gelu(h)` for the backward pass
     and recomputes the GELU there: one MLP-wide activation less per layer held for backward
-    (a tenth of the training step's peak memory at the benchmark's sizes), for an elementwise
-    op recomputed. Same values and gradients as the two unfused ops."""
+    (a few percent of the benchmark's training peak), for an elementwise op recomputed. Same
+    values and gradients as the two unfused ops."""
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
