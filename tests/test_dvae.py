@@ -141,6 +141,20 @@ def test_kl_to_uniform():
     assert kl_to_uniform(peaked).item() == pytest.approx(math.log(8), abs=1e-4)  # one-hot q: log K
 
 
+def test_kl_to_uniform_gradient_matches_autograd_through_the_plain_formula():
+    """The lean backward (log q and q recomputed, not saved) is the gradient of sum q log q."""
+    logits = torch.randn(2, 16, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(kl_to_uniform, (logits,))
+    weights = torch.rand(2, 3, 3, dtype=torch.float64)
+    (kl_to_uniform(logits) * weights).sum().backward()
+    lean = logits.grad.clone()
+    logits.grad = None
+    log_q = torch.log_softmax(logits, dim=1)
+    ((log_q.exp() * log_q).sum(dim=1) * weights).sum().backward()
+    assert torch.allclose(lean, logits.grad, atol=1e-12)
+
+
+
 def test_schedules_ends_and_middle():
     config = DVAEConfig(temperature_start=1.0, temperature_end=1 / 16, temperature_steps=1000,
                         kl_weight_end=6.6, kl_warmup_steps=100)

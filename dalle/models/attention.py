@@ -165,12 +165,34 @@ def windowed_attention(q: Tensor, k: Tensor, v: Tensor, plan: WindowPlan, dropou
         plan: the layer's WindowPlan (mask (C, c, L + W): C chunks of c tokens).
         dropout: attention dropout probability.
     """
+    text_len = plan.mask.shape[2] - (plan.back + 1) * plan.mask.shape[1]
+    out_text = F.scaled_dot_product_attention(q[:, :, :text_len], k[:, :, :text_len], v[:, :, :text_len],
+                                              dropout_p=dropout, is_causal=True)  # (B, H, L, hd)
+    lean = (dropout == 0.0 and q.device.type == "cpu" and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu") and any(t.requires_grad for t in (q, k, v)))
+    if lean:
+        out = _LeanWindows.apply(q, k, v, plan)
+    else:
+        queries, keys, values, mask = _windows(q, k, v, plan)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=dropout)
+    batch, heads, length, head_dim = q.shape
+    out = out.view(batch, heads, -1, head_dim)  # (B, H, C * c, hd) in chunk order
+    if plan.order is not None:
+        out = torch.empty_like(out).index_copy_(2, plan.order, out)  # back to raster order
+    return torch.cat([out_text, out[:, :, :length - text_len]], dim=2)  # (B, H, T, hd)
+
+
+def _windows(q: Tensor, k: Tensor, v: Tensor, plan: WindowPlan) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The image queries and their windows of keys and values, as the attention kernel takes them.
+
+    Returns queries (B, H * C, c, hd), keys and values (B, H * C, L + W, hd) and the mask
+    (1, H * C, c, L + W): heads and chunks share one batch axis, so the kernel sees 4-D
+    inputs and a 4-D mask (with a 3-D mask it falls back to the unfused path, 2x slower here).
+    """
     chunks, chunk, width = plan.mask.shape
     text_len = width - (plan.back + 1) * chunk
     batch, heads, length, head_dim = q.shape
     n_image = chunks * chunk
-    out_text = F.scaled_dot_product_attention(q[:, :, :text_len], k[:, :, :text_len], v[:, :, :text_len],
-                                              dropout_p=dropout, is_causal=True)  # (B, H, L, hd)
 
     def image_part(t: Tensor) -> Tensor:  # (B, H, C, c, hd) in chunk order; a missing last token is zeros
         t = F.pad(t[:, :, text_len:], (0, 0, 0, n_image - (length - text_len)))
@@ -184,17 +206,43 @@ def windowed_attention(q: Tensor, k: Tensor, v: Tensor, plan: WindowPlan, dropou
             parts.append(F.pad(image[:, :, :chunks - shift], (0, 0, 0, 0, shift, 0)))
         return torch.cat(parts + [image], dim=3)
 
-    # Heads and chunks share one batch axis, so the kernel sees 4-D inputs and a 4-D mask
-    # (with a 3-D mask it falls back to the unfused path, 2x slower here).
     queries = image_part(q).reshape(batch, heads * chunks, chunk, head_dim)
     keys = windows_of(k).reshape(batch, heads * chunks, width, head_dim)
     values = windows_of(v).reshape(batch, heads * chunks, width, head_dim)
     mask = plan.mask.repeat(heads, 1, 1)[None]  # (1, H * C, c, L + W), as the (h, c) flattening above
-    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=dropout)
-    out = out.view(batch, heads, n_image, head_dim)  # chunk order
-    if plan.order is not None:
-        out = torch.empty_like(out).index_copy_(2, plan.order, out)  # back to raster order
-    return torch.cat([out_text, out[:, :, :length - text_len]], dim=2)  # (B, H, T, hd)
+    return queries, keys, values, mask
+
+
+class _LeanWindows(torch.autograd.Function):
+    """The windows' image attention (flash kernel on the CPU), keeping for backward only q, k,
+    v (views of the layer's QKV output, alive anyway), the output and its log-sum-exp; the
+    window copies of the keys and values are rebuilt in backward instead of being held from
+    forward to backward in every layer. Same values and gradients as autograd through `_windows`."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: WindowPlan) -> Tensor:
+        queries, keys, values, mask = _windows(q, k, v, plan)
+        bias = _additive(mask, q.dtype)  # the kernel itself takes the mask as a bias of q's dtype
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(queries, keys, values,
+                                                                              attn_mask=bias)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan = plan
+        return out  # (B, H * C, c, hd)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+            queries, keys, values, mask = _windows(*inputs, ctx.plan)
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out.contiguous(), queries, keys, values, out, lse, 0.0, False, attn_mask=_additive(mask, q.dtype))
+        return (*torch.autograd.grad((queries, keys, values), inputs, grads), None)
+
+
+def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean mask (True = attend) as the additive bias the kernels add to the scores."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def _flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:

@@ -261,15 +261,34 @@ def logit_laplace_nll(x: torch.Tensor, mu: torch.Tensor, log_scale: torch.Tensor
 
 def gumbel_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """softmax((logits + Gumbel noise) / temperature) over the codebook axis (dim 1)."""
-    uniform = torch.rand_like(logits).clamp_(1e-9, 1.0 - 1e-9)
-    gumbel = -torch.log(-torch.log(uniform))
-    return torch.softmax((logits + gumbel) / temperature, dim=1)
+    # In place: one (B, K, h, w) temporary for the noise instead of five.
+    gumbel = torch.rand_like(logits).clamp_(1e-9, 1.0 - 1e-9).log_().neg_().log_().neg_()
+    return torch.softmax(gumbel.add_(logits).div_(temperature), dim=1)
 
 
 def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
     """KL(q || uniform over K) per grid cell, in nats: sum q log q + log K. (B, K, h, w) -> (B, h, w)."""
-    log_q = torch.log_softmax(logits, dim=1)
-    return (log_q.exp() * log_q).sum(dim=1) + math.log(logits.shape[1])
+    return _KLToUniform.apply(logits)
+
+
+class _KLToUniform(torch.autograd.Function):
+    """`kl_to_uniform` keeping only the logits for backward (alive anyway) instead of log q and q,
+    two more (B, K, h, w) tensors; backward recomputes them. The gradient is
+    q * (log q - sum q log q) over the codebook axis."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(logits)
+        log_q = torch.log_softmax(logits, dim=1)
+        return (log_q.exp() * log_q).sum(dim=1) + math.log(logits.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (logits,) = ctx.saved_tensors
+        log_q = torch.log_softmax(logits, dim=1)
+        q = log_q.exp()
+        neg_entropy = (q * log_q).sum(dim=1, keepdim=True)  # (B, 1, h, w)
+        return q.mul_(log_q.sub_(neg_entropy)).mul_(grad[:, None])
 
 
 def usage_deficit(logits: torch.Tensor) -> torch.Tensor:
