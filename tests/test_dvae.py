@@ -154,7 +154,6 @@ def test_kl_to_uniform_gradient_matches_autograd_through_the_plain_formula():
     assert torch.allclose(lean, logits.grad, atol=1e-12)
 
 
-
 def test_schedules_ends_and_middle():
     config = DVAEConfig(temperature_start=1.0, temperature_end=1 / 16, temperature_steps=1000,
                         kl_weight_end=6.6, kl_warmup_steps=100)

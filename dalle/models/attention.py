@@ -230,6 +230,7 @@ class _LeanWindows(torch.autograd.Function):
         return out  # (B, H * C, c, hd)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no second-order gradient through the rebuilt windows
     def backward(ctx, grad_out: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
         with torch.enable_grad():

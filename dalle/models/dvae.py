@@ -283,6 +283,7 @@ class _KLToUniform(torch.autograd.Function):
         return (log_q.exp() * log_q).sum(dim=1) + math.log(logits.shape[1])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the gradient is computed in place
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (logits,) = ctx.saved_tensors
         log_q = torch.log_softmax(logits, dim=1)
