@@ -165,7 +165,7 @@ def windowed_attention(q: Tensor, k: Tensor, v: Tensor, plan: WindowPlan, dropou
         plan: the layer's WindowPlan (mask (C, c, L + W): C chunks of c tokens).
         dropout: attention dropout probability.
     """
-    text_len = plan.mask.shape[2] - (plan.back + 1) * plan.mask.shape[1]
+    text_len = plan.text_len
     out_text = F.scaled_dot_product_attention(q[:, :, :text_len], k[:, :, :text_len], v[:, :, :text_len],
                                               dropout_p=dropout, is_causal=True)  # (B, H, L, hd)
     lean = (dropout == 0.0 and q.device.type == "cpu" and torch.is_grad_enabled()
@@ -190,7 +190,7 @@ def _windows(q: Tensor, k: Tensor, v: Tensor, plan: WindowPlan) -> tuple[Tensor,
     inputs and a 4-D mask (with a 3-D mask it falls back to the unfused path, 2x slower here).
     """
     chunks, chunk, width = plan.mask.shape
-    text_len = width - (plan.back + 1) * chunk
+    text_len = plan.text_len
     batch, heads, length, head_dim = q.shape
     n_image = chunks * chunk
 

@@ -155,6 +155,12 @@ class WindowPlan:
     back: int
     mask: Tensor
 
+    @property
+    def text_len(self) -> int:
+        """The text block's length: the mask's keys before the image window."""
+        chunks, chunk, width = self.mask.shape
+        return width - (self.back + 1) * chunk
+
 
 def window_plan(pattern: str, text_len: int, grid: int, kernel: int = 11, chunk: int | None = None,
                 device=None) -> WindowPlan | None:
