@@ -655,7 +655,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     work.add_argument("--sample-budget", type=float, default=60,
                       help="seconds one sampling run may take; a slower run reports its partial rate")
     work.add_argument("--dvae-batch", type=int, default=8)
-    work.add_argument("--dvae-steps", type=int, default=20)
+    work.add_argument("--dvae-steps", type=int, default=50,
+                      help="timed dVAE steps per measurement (20, about 4 s, moved the ratio by 14%%)")
     work.add_argument("--peer-inference", choices=("sparse", "masked"), default="masked",
                       help="peer's sampling model: its sparse layers, or optimize_for_inference=True "
                            "(dense masked attention that its cache can hold)")
