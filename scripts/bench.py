@@ -26,7 +26,12 @@ load from other processes on the machine falls on both sides alike. Both sides r
 same torch thread count (`--threads`, printed). Each training figure is timed over
 `--train-steps` steps after `--warmup-steps` untimed ones (the peer warms up more slowly:
 three steps flattered us by 25 %). Throughput is the median of `--repeats` runs, with
-the spread (max - min) / median beside it; memory is the largest of the repeats.
+the spread (max - min) / median beside it; memory too is the median of the repeats (the
+largest of three moved the peer's training peak, and the memory ratio, by 12% between runs).
+Our training worker also measures the fp32 matmul peak right after its timed steps, in the
+same process, so that `training_peak_fraction` (the median over the repeats of achieved /
+that peak) compares the step with what the host offered at that moment: the peak measured
+once at the start moved 30% between runs (64.8 and 47.6 GFLOP/s) on a host with slow hours.
 
 Peak memory: the kernel's resident-set high-water mark (VmHWM), reset through
 /proc/self/clear_refs after the imports, so it covers exactly what the measurement
@@ -193,6 +198,16 @@ def model_flops_per_token(model, spec: dict) -> int:
     return 6 * used + 12 * spec["depth"] * spec["dim"] * sequence
 
 
+def measure_fp32_peak() -> float:
+    """GFLOP/s of a 2048 x 2048 fp32 matmul at torch's current thread count. A peak is a
+    maximum: the best of three 1-second runs (one run moved 6% between benchmarks)."""
+    import torch
+
+    from dalle.inference.devices import matmul_gflops
+
+    return max(matmul_gflops(torch.float32, size=2048, seconds=1.0) for _ in range(3))
+
+
 def measure_host(spec: dict) -> dict:
     """The host's matmul peak at the benchmark's thread count: fp32 at 2048 x 2048, bf16 at
     1024 x 1024 (256 x 256 on a CPU without bf16 units, where it runs at a few GFLOP/s), and
@@ -202,9 +217,7 @@ def measure_host(spec: dict) -> dict:
     from dalle.inference.devices import cpu_prefers_bf16, matmul_gflops
 
     torch.set_num_threads(spec["threads"])
-    # A peak is a maximum: the best of three 1-second runs (one run moved 6% between benchmarks).
-    fp32 = max(matmul_gflops(torch.float32, size=2048, seconds=1.0) for _ in range(3))
-    return {"fp32_gflops": round(fp32, 1),
+    return {"fp32_gflops": round(measure_fp32_peak(), 1),
             "bf16_gflops": round(matmul_gflops(torch.bfloat16, size=1024 if cpu_prefers_bf16() else 256,
                                                seconds=1.0), 1),
             "prefers_bf16": cpu_prefers_bf16(), "threads": torch.get_num_threads()}
@@ -312,7 +325,11 @@ def measure_ours(task: str, spec: dict) -> dict:
         result = _train_result(_time_train_steps(step, spec), spec, _params(model))
         flops = model_flops_per_token(model, spec)
         result["model_gflops"] = round(flops * result["tokens_per_s"] / 1e9, 2)
-        return {**result, "flops_per_token": flops, **read_peak(mark)}
+        result = {**result, "flops_per_token": flops, **read_peak(mark)}
+        if task == "train":  # the host's fp32 peak at this moment, for the peak fraction
+            result["host_fp32_gflops"] = round(measure_fp32_peak(), 1)
+            result["peak_fraction"] = round(result["model_gflops"] / result["host_fp32_gflops"], 3)
+        return result
 
     from dalle.inference.sampling import sample_image_codes
 
@@ -544,8 +561,8 @@ def spread(values: list[float]) -> float | None:
 
 
 def summarise(raw: list[dict], spec: dict, host: dict | None = None) -> dict:
-    """Median-of-repeats throughput (with its spread) and largest memory per side and task,
-    and the ours / peer ratios."""
+    """Median-of-repeats throughput (with its spread) and memory per side and task, and the
+    ours / peer ratios."""
     figures: dict[str, dict] = {side: {} for side in SIDES}
     for task in TASKS:
         for side in SIDES:
@@ -555,10 +572,12 @@ def summarise(raw: list[dict], spec: dict, host: dict | None = None) -> dict:
             key = "images_per_s" if task == "dvae" else "tokens_per_s"
             values = [r[key] for r in runs if key in r]
             entry = {key: median(values) if values else None, "spread": spread(values) if values else None,
-                     "runs": values, "workload_mib": best(runs, "workload_mib"),
+                     "runs": values, "workload_mib": best(runs, "workload_mib", median),
                      "peak_rss_mib": best(runs, "peak_rss_mib"), "params": best(runs, "params")}
             if any("model_gflops" in r for r in runs):
                 entry["model_gflops"] = median([r["model_gflops"] for r in runs if "model_gflops" in r])
+            if any("peak_fraction" in r for r in runs):
+                entry["peak_fraction"] = median([r["peak_fraction"] for r in runs if "peak_fraction" in r])
             if any(r.get("partial") for r in runs):
                 entry["partial"] = True
             errors = [r["error"] for r in runs if "error" in r]
@@ -579,6 +598,9 @@ def summarise(raw: list[dict], spec: dict, host: dict | None = None) -> dict:
     ours_mem, peer_mem = transformer_memory("ours"), transformer_memory("peer")
     achieved = figures["ours"].get("train", {}).get("model_gflops")
     peak = (host or {}).get("fp32_gflops")
+    fraction = figures["ours"].get("train", {}).get("peak_fraction")  # against the peak of the moment
+    if fraction is None and achieved and peak:  # workers that did not measure it: the start's peak
+        fraction = round(achieved / peak, 3)
     return {
         "sampling_ratio": ratio("sample", "tokens_per_s"),
         "sampling_guided_ratio": ratio("sample_guided", "tokens_per_s"),
@@ -588,7 +610,7 @@ def summarise(raw: list[dict], spec: dict, host: dict | None = None) -> dict:
         "memory_ratio_sample": ratio("sample", "workload_mib"),
         "dvae_ratio": ratio("dvae", "images_per_s"),
         "dvae_memory_ratio": ratio("dvae", "workload_mib"),
-        "training_peak_fraction": round(achieved / peak, 3) if achieved and peak else None,
+        "training_peak_fraction": fraction,
         "training_ratio_bf16": ratio("train_bf16", "tokens_per_s"),
         "ours": figures["ours"], "peer": figures["peer"],
     }
@@ -707,13 +729,14 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown(summary, spec))
     print()
     print(f"Threads: {spec['threads']} on both sides; throughput is the median of {args.repeats} run(s) "
-          f"(± half their spread), memory the largest; peak memory = resident high-water mark over the "
+          f"(± half their spread), memory the median too; peak memory = resident high-water mark over the "
           f"post-import base (see the module doc).")
     if "fp32_gflops" in host:
         achieved = summary["ours"].get("train", {}).get("model_gflops")
         print(f"Host: a 2048 x 2048 fp32 matmul runs at {host['fp32_gflops']} GFLOP/s, a bf16 one at "
-              f"{host['bf16_gflops']} GFLOP/s; our training step does {achieved} GFLOP/s of model math "
-              f"({summary['training_peak_fraction']} of the fp32 peak). Precision rule: "
+              f"{host['bf16_gflops']} GFLOP/s at the start; our training step does {achieved} GFLOP/s of model "
+              f"math, {summary['training_peak_fraction']} of the fp32 peak measured beside it (median of the "
+              f"repeats). Precision rule: "
               f"{'bf16 (faster here)' if host['prefers_bf16'] else 'fp32 (bf16 is not faster here)'}"
               f"{'' if host['prefers_bf16'] else ', so train_bf16 was not run'}.")
     if max(load["start"][0], load["end"][0]) > (os.cpu_count() or 1):

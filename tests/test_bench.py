@@ -60,7 +60,7 @@ def fake_raw():
     ]
 
 
-def test_summary_takes_median_throughput_and_largest_memory(bench):
+def test_summary_takes_median_throughput_and_memory(bench):
     summary = bench.summarise(fake_raw(), {}, {"fp32_gflops": 100.0})
     assert summary["training_ratio"] == 2.0  # median 250 over median 125
     assert summary["ours"]["train"]["spread"] == 0.4  # (300 - 200) / 250
@@ -68,8 +68,8 @@ def test_summary_takes_median_throughput_and_largest_memory(bench):
     assert summary["sampling_guided_ratio"] is None
     assert summary["ours"]["sample_guided"]["error"] == "boom"
     assert summary["peer"]["sample"]["partial"] is True
-    assert summary["memory_ratio_train"] == 0.6  # largest 60 over largest 100
-    assert summary["memory_ratio"] == 0.6  # ours max(60, 20) over peer max(100, 40, 45)
+    assert summary["memory_ratio_train"] == 0.579  # median 55 over median 95
+    assert summary["memory_ratio"] == 0.579  # ours max(55, 20) over peer max(95, 40, 45)
     assert summary["dvae_ratio"] is None and summary["training_ratio_bf16"] is None
     assert summary["training_peak_fraction"] is None  # no model_gflops in the fake runs
 
@@ -80,6 +80,11 @@ def test_median_of_three_and_peak_fraction(bench):
     summary = bench.summarise(raw, {}, {"fp32_gflops": 100.0})
     assert summary["ours"]["train"]["tokens_per_s"] == 20.0
     assert summary["training_peak_fraction"] == 0.6
+    # Runs that measured the host's peak beside their steps: the median of their own fractions,
+    # not the start's peak (here 100 GFLOP/s, which would say 0.6).
+    for run, fraction in zip(raw, [0.5, 0.9, 0.7], strict=True):
+        run["result"]["peak_fraction"] = fraction
+    assert bench.summarise(raw, {}, {"fp32_gflops": 100.0})["training_peak_fraction"] == 0.7
 
 
 def test_model_flops_count_the_blocks_and_dense_attention(bench):
