@@ -87,6 +87,18 @@ def test_median_of_three_and_peak_fraction(bench):
     assert bench.summarise(raw, {}, {"fp32_gflops": 100.0})["training_peak_fraction"] == 0.7
 
 
+def test_paired_peak_fraction_of_a_step_that_is_the_peak_matmul(bench):
+    import torch
+
+    a = torch.randn(2048, 2048)
+    result = bench.paired_peak_fraction(lambda: torch.mm(a, a), 2 * 2048**3, pairs=3)
+    # A "step" that is the peak's own matmul runs at the peak: the fraction is near 1.
+    assert 0.6 < result["peak_fraction"] < 1.6, result
+    assert result["host_fp32_gflops"] > 0 and result["peak_fraction_spread"] is not None
+    tiny = bench.paired_peak_fraction(lambda: None, 1.0, pairs=2)  # one FLOP per step: far below the peak
+    assert tiny["peak_fraction"] < 0.01
+
+
 def test_model_flops_count_the_blocks_and_dense_attention(bench):
     from dalle.config import TransformerConfig
     from dalle.models.transformer import DalleTransformer
