@@ -141,6 +141,33 @@ def choose_threads(spec: str | int | None = "auto") -> int:
     return threads
 
 
+MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic threshold
+TRIM_THRESHOLD = 1 << 30
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Tells glibc's malloc to keep freed memory for the next allocation (training only).
+
+    A training step allocates and frees the same activations every step. By default glibc
+    hands large blocks back to the kernel (mmap, trimming the heap), and every step then
+    page-faults them in again, zeroed: about 4,000 faults and 10-17 ms of system time a
+    step on the benchmark's model. With allocations up to 32 MiB served from the heap and the
+    heap trimmed only beyond 1 GiB free, freed blocks are reused (250 faults a step). The
+    resident size stays at the step's peak between steps. Returns False, changing nothing,
+    where the C library has no `mallopt` (not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, TRIM_THRESHOLD))
+
+
 def precision_label(dtype: torch.dtype) -> str:
     """`bf16` or `fp32` (or the dtype's name), for progress bar lines."""
     return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, str(dtype))

@@ -77,31 +77,6 @@ def drop_captions(text: Tensor, p: float, generator: torch.Generator | None = No
     return torch.where(drop[:, None], empty[None, :], text)  # (B, L)
 
 
-class GeluLinear(torch.autograd.Function):
-    """`F.linear(F.gelu(h), weight, bias)` that saves `h` but not `gelu(h)` for the backward pass
-    and recomputes the GELU there: one MLP-wide activation less per layer held for backward
-    (a few percent of the benchmark's training peak), for an elementwise op recomputed. Same
-    values and gradients as the two unfused ops."""
-
-    @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.save_for_backward(h, weight, bias)
-        return F.linear(F.gelu(h), weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        h, weight, bias = ctx.saved_tensors
-        with torch.enable_grad():
-            h_ = h.detach().requires_grad_(True)
-            a = F.gelu(h_)  # (..., M), recomputed
-        grad_a = grad_out @ weight  # (..., M)
-        grad_h = torch.autograd.grad(a, h_, grad_a)[0] if ctx.needs_input_grad[0] else None
-        flat_grad, flat_a = grad_out.reshape(-1, grad_out.shape[-1]), a.detach().reshape(-1, a.shape[-1])
-        grad_weight = flat_grad.t() @ flat_a if ctx.needs_input_grad[1] else None
-        grad_bias = flat_grad.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
-        return grad_h, grad_weight, grad_bias
-
-
 class Block(nn.Module):
     """A pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
@@ -120,14 +95,7 @@ class Block(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None, cache: tuple[Tensor, Tensor] | None = None,
                 start: int = 0, block_mask=None, windows=None) -> Tensor:
         x = x + self.dropout(self.attn(self.ln1(x), mask, cache, start, block_mask, windows))  # (B, T, D)
-        fc1, fc2 = self.mlp[0], self.mlp[2]
-        # Training in full precision: the GELU is recomputed in backward (GeluLinear, which does
-        # not follow autocast's casts; under autocast the two unfused ops run).
-        if torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
-            mlp = GeluLinear.apply(fc1(self.ln2(x)), fc2.weight, fc2.bias)
-        else:
-            mlp = self.mlp(self.ln2(x))
-        return x + self.dropout(mlp)  # (B, T, D)
+        return x + self.dropout(self.mlp(self.ln2(x)))  # (B, T, D)
 
     def decode(self, x: Tensor, cache: tuple[Tensor, Tensor], start: int, sparse_keys: tuple) -> Tensor:
         """`forward` (in eval mode) for one decoded position with `Attention.decode`.

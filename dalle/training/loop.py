@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from dalle.checkpoint import atomic_directory, lock_directory, save_model, write_json_atomic
 from dalle.config import TrainConfig, to_dict
 from dalle.errors import DalleError
-from dalle.inference.devices import cpu_prefers_bf16, run_label
+from dalle.inference.devices import cpu_prefers_bf16, keep_freed_memory, run_label
 from dalle.training.batches import shard
 from dalle.training.state import checkpoints, load_training_state, save_training_state
 
@@ -154,6 +154,7 @@ def fit(model: torch.nn.Module, batches, step_fn: Callable, config: TrainConfig,
         progress: show a tqdm bar.
         stop_after: stop (with a checkpoint) after this many steps in this call; for tests.
     """
+    keep_freed_memory()  # every step frees and reallocates the same activations
     run = _prepare(model, config, Path(run_dir), stage)
     with contextlib.ExitStack() as hold:
         if run.accelerator.is_main_process:  # a second trainer of this stage and run is told, not mixed in
