@@ -138,31 +138,6 @@ def test_windowed_attention_equals_the_dense_mask_forward_and_backward(grid, tex
         assert all(used.values()), used  # every sparse pattern ran in windows
 
 
-def test_lean_windows_give_the_plain_windows_gradients():
-    """Training's windows (window copies rebuilt in backward, not saved) against autograd
-    through the copies, for every sparse pattern's plan."""
-    from dalle.models.attention import _LeanWindows, _windows
-    from dalle.models.masks import window_plan
-
-    torch.manual_seed(0)
-    for pattern in ("row", "column", "conv"):
-        plan = window_plan(pattern, 5, 16, 5)
-        q, k, v = (torch.randn(2, 4, 5 + 255, 8, requires_grad=True) for _ in range(3))
-        grad = torch.randn(2, 4 * plan.mask.shape[0], plan.mask.shape[1], 8)
-        results = []
-        for lean in (True, False):
-            if lean:
-                out = _LeanWindows.apply(q, k, v, plan)
-            else:
-                queries, keys, values, mask = _windows(q, k, v, plan)
-                out = torch.nn.functional.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
-            results.append((out.detach(), *torch.autograd.grad(out, (q, k, v), grad)))
-        for lean, plain in zip(*results):
-            assert torch.allclose(lean, plain, atol=1e-5), pattern
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_flex_attention_equals_sdpa_on_cuda():
     config = tiny_config(depth=4, image_grid=8, dim=64, heads=4)
     torch.manual_seed(0)

@@ -168,13 +168,8 @@ def windowed_attention(q: Tensor, k: Tensor, v: Tensor, plan: WindowPlan, dropou
     text_len = plan.text_len
     out_text = F.scaled_dot_product_attention(q[:, :, :text_len], k[:, :, :text_len], v[:, :, :text_len],
                                               dropout_p=dropout, is_causal=True)  # (B, H, L, hd)
-    lean = (dropout == 0.0 and q.device.type == "cpu" and torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu") and any(t.requires_grad for t in (q, k, v)))
-    if lean:
-        out = _LeanWindows.apply(q, k, v, plan)
-    else:
-        queries, keys, values, mask = _windows(q, k, v, plan)
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=dropout)
+    queries, keys, values, mask = _windows(q, k, v, plan)
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=dropout)
     batch, heads, length, head_dim = q.shape
     out = out.view(batch, heads, -1, head_dim)  # (B, H, C * c, hd) in chunk order
     if plan.order is not None:
@@ -211,39 +206,6 @@ def _windows(q: Tensor, k: Tensor, v: Tensor, plan: WindowPlan) -> tuple[Tensor,
     values = windows_of(v).reshape(batch, heads * chunks, width, head_dim)
     mask = plan.mask.repeat(heads, 1, 1)[None]  # (1, H * C, c, L + W), as the (h, c) flattening above
     return queries, keys, values, mask
-
-
-class _LeanWindows(torch.autograd.Function):
-    """The windows' image attention (flash kernel on the CPU), keeping for backward only q, k,
-    v (views of the layer's QKV output, alive anyway), the output and its log-sum-exp; the
-    window copies of the keys and values are rebuilt in backward instead of being held from
-    forward to backward in every layer. Same values and gradients as autograd through `_windows`."""
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: WindowPlan) -> Tensor:
-        queries, keys, values, mask = _windows(q, k, v, plan)
-        bias = _additive(mask, q.dtype)  # the kernel itself takes the mask as a bias of q's dtype
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(queries, keys, values,
-                                                                              attn_mask=bias)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan = plan
-        return out  # (B, H * C, c, hd)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # no second-order gradient through the rebuilt windows
-    def backward(ctx, grad_out: Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
-        with torch.enable_grad():
-            inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-            queries, keys, values, mask = _windows(*inputs, ctx.plan)
-        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out.contiguous(), queries, keys, values, out, lse, 0.0, False, attn_mask=_additive(mask, q.dtype))
-        return (*torch.autograd.grad((queries, keys, values), inputs, grads), None)
-
-
-def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """A boolean mask (True = attend) as the additive bias the kernels add to the scores."""
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def _flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
