@@ -138,6 +138,8 @@ def test_windowed_attention_equals_the_dense_mask_forward_and_backward(grid, tex
         assert all(used.values()), used  # every sparse pattern ran in windows
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_flex_attention_equals_sdpa_on_cuda():
     config = tiny_config(depth=4, image_grid=8, dim=64, heads=4)
     torch.manual_seed(0)
