@@ -1,6 +1,7 @@
 """The start-up rules: precision (bf16 only where a probe finds it faster), threads, and the
 allocator set-up of training."""
 
+import platform
 import subprocess
 import sys
 
@@ -117,7 +118,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_training_keeps_freed_memory_instead_of_faulting_it_in_again():
     """By default glibc returns freed 8 MiB blocks to the kernel, and the next step faults
     them in again, zeroed (2,048 faults each); after keep_freed_memory they are reused."""
