@@ -214,16 +214,6 @@ def model_flops_per_token(model, spec: dict) -> int:
     return 6 * used + 12 * spec["depth"] * spec["dim"] * sequence
 
 
-def measure_fp32_peak() -> float:
-    """GFLOP/s of a 2048 x 2048 fp32 matmul at torch's current thread count. A peak is a
-    maximum: the best of three 1-second runs (one run moved 6% between benchmarks)."""
-    import torch
-
-    from dalle.inference.devices import matmul_gflops
-
-    return max(matmul_gflops(torch.float32, size=2048, seconds=1.0) for _ in range(3))
-
-
 def paired_peak_fraction(step, flops_per_step: float, pairs: int) -> dict:
     """Our training step against the host's fp32 matmul peak at the same moments: `pairs`
     times, one training step and then one 2048 x 2048 fp32 matmul, each timed; the fraction
@@ -261,7 +251,9 @@ def measure_host(spec: dict) -> dict:
     from dalle.inference.devices import cpu_prefers_bf16, matmul_gflops
 
     torch.set_num_threads(spec["threads"])
-    return {"fp32_gflops": round(measure_fp32_peak(), 1),
+    # A peak is a maximum: the best of three 1-second runs (one run moved 6% between benchmarks).
+    fp32 = max(matmul_gflops(torch.float32, size=2048, seconds=1.0) for _ in range(3))
+    return {"fp32_gflops": round(fp32, 1),
             "bf16_gflops": round(matmul_gflops(torch.bfloat16, size=1024 if cpu_prefers_bf16() else 256,
                                                seconds=1.0), 1),
             "prefers_bf16": cpu_prefers_bf16(), "threads": torch.get_num_threads()}
