@@ -32,6 +32,7 @@ from dalle.commands import (
     serve,
     train_all,
     train_clip,
+    train_judge,
     train_tokenizer,
     train_transformer,
     train_vae,
@@ -82,6 +83,8 @@ def _training_parsers(commands) -> None:
     for name, helptext, func in (("train-vae", "train the image tokenizer (dVAE, or VQGAN with image_tokenizer: "
                                                "vqgan)", train_vae),
                                  ("train-clip", "train the CLIP", train_clip),
+                                 ("train-judge", "fine-tune the run's CLIP on adversarial pictures into "
+                                                 "run_dir/judge, the judge of dalle imagine", train_judge),
                                  ("train", "train the transformer (needs the run's image tokenizer)",
                                   train_transformer)):
         sub = commands.add_parser(name, help=helptext)
@@ -215,7 +218,10 @@ def _inference_parsers(commands) -> None:
     im.add_argument("--steps", type=int, default=100, help="optimisation steps")
     im.add_argument("--init", choices=["random", "sample"], default="random",
                     help="random logits, or the transformer's best of 16 samples")
-    im.add_argument("--clip", help="the judge: hf:NAME_OR_DIR or a CLIP directory (default: the model's)")
+    im.add_argument("--clip", help="the judge: hf:NAME_OR_DIR or a CLIP directory (default: the model's judge/ "
+                                   "from dalle train-judge, else its CLIP)")
+    im.add_argument("--smoothness", type=float,
+                    help="weight of the total-variation term (default: 1 with the model's judge, else 0)")
     im.add_argument("--frames", action="store_true", help="also write the optimisation as a GIF")
     _add_device_flags(im)
 

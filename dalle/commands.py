@@ -139,6 +139,14 @@ def train_clip(config: str, overrides: list[str] | None = None, resume: str = "a
     return summary
 
 
+def train_judge(config: str, overrides: list[str] | None = None, resume: str = "auto", run_dir: str | None = None,
+                max_bad_fraction: float | None = None) -> dict:
+    """Fine-tunes the run's CLIP on adversarial pictures into run_dir/judge, `dalle imagine`'s default judge."""
+    summary = stages.train_judge(_config(config, overrides, run_dir, max_bad_fraction), resume=_resume(resume))
+    print(json.dumps(summary))
+    return summary
+
+
 def train_transformer(config: str, overrides: list[str] | None = None, resume: str = "auto",
                       run_dir: str | None = None, max_bad_fraction: float | None = None) -> dict:
     """Trains the transformer on captions and the frozen image tokenizer's codes."""
@@ -292,15 +300,16 @@ def edit(model: str, image: str, prompt: str, out: str, box: str | None = None, 
 
 
 def imagine(model: str, prompt: str, out: str, seed: int = 0, steps: int = 100, init: str = "random",
-            clip: str | None = None, frames: bool = False, device: str = "auto", dtype: str = "auto") -> Path:
+            clip: str | None = None, smoothness: float | None = None, frames: bool = False, device: str = "auto",
+            dtype: str = "auto") -> Path:
     """A picture for a prompt found by optimising the image tokenizer's codes for CLIP's score (no transformer
-    needed)."""
+    needed); the judge is `--clip`, else the model's judge/ (`dalle train-judge`), else its CLIP."""
     check_request([prompt], 1, 1, seed)
     _check_count("--steps", steps, 1, most=10_000)
     pipeline = load_pipeline(model, device=device, dtype=dtype)
-    scorer = load_scorer_for(model, clip, device=pipeline.device) if clip else pipeline.scorer
+    scorer = load_scorer_for(model, clip, device=pipeline.device) if clip else None
     with lock_directory(out):
-        found = pipeline.imagine(prompt, steps=steps, seed=seed, init=init, scorer=scorer,
+        found = pipeline.imagine(prompt, steps=steps, seed=seed, init=init, scorer=scorer, smoothness=smoothness,
                                  frame_every=max(1, steps // 20) if frames else 0)
         results = Results(Path(out))
         sample = Sample(found.image, 1, found.clip_score, 0, found.codes)

@@ -340,6 +340,26 @@ class TrainStages:
     vqgan: TrainConfig = field(default_factory=TrainConfig)
     transformer: TrainConfig = field(default_factory=TrainConfig)
     clip: TrainConfig = field(default_factory=TrainConfig)
+    judge: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class JudgeConfig:
+    """`dalle train-judge`: the run's CLIP fine-tuned on adversarial pictures, the judge of `dalle imagine`.
+
+    A CLIP trained this way (projected gradient steps on its own loss, inside an L2 ball of
+    pictures) has gradients that draw objects instead of fooling pixels (docs/EXPERIMENTS.md).
+    """
+
+    eps: float = 3.0  # the L2 radius of the attack on [0, 1] pictures; 1 barely helped imagine, 6 lost the colours
+    attack_steps: int = 3  # projected gradient steps per batch
+    clean_weight: float = 0.5  # the plain contrastive loss beside the adversarial one
+
+    def __post_init__(self):
+        _check(math.isfinite(self.eps) and self.eps > 0, "judge.eps", f"must be finite and > 0, got {self.eps}")
+        _check(self.attack_steps >= 1, "judge.attack_steps", f"must be >= 1, got {self.attack_steps}")
+        _check(math.isfinite(self.clean_weight) and self.clean_weight >= 0, "judge.clean_weight",
+               f"must be finite and >= 0, got {self.clean_weight}")
 
 
 @dataclass
@@ -355,6 +375,7 @@ class Config:
     vqgan: VQGANConfig = field(default_factory=VQGANConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     clip: CLIPConfig = field(default_factory=CLIPConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     train: TrainStages = field(default_factory=TrainStages)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 

@@ -37,6 +37,8 @@ def test_wrong_type_names_key_and_file(tmp_path):
 def test_validation_in_post_init():
     with pytest.raises(ConfigError, match="transformer.dim"):
         load_config(None, ["transformer.dim=30", "transformer.heads=4"])
+    with pytest.raises(ConfigError, match="judge.eps must be finite and > 0"):
+        load_config(None, ["judge.eps=0"])
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

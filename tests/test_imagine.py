@@ -1,16 +1,22 @@
-"""`dalle imagine`: the codes optimised for CLIP's score, with our CLIP and with a Hugging Face one."""
+"""`dalle imagine`: the codes optimised for CLIP's score, with our CLIP, a Hugging Face one, and the judge."""
 
 import json
+import shutil
 
+import pytest
 import torch
 from PIL import Image
 
 from dalle.cli import main
+from dalle.errors import DalleError
 from dalle.images import tensor_to_pil
-from dalle.inference.imagine import differentiable_image_embedding, imagine
+from dalle.inference.imagine import differentiable_image_embedding, imagine, total_variation
 from dalle.inference.pipeline import load_pipeline, load_scorer
+from dalle.inference.scoring import CLIPScorer, score_images
+from dalle.models.clip import load_clip
 from dalle.models.dvae import decode
 
+from .conftest import TINY
 from .test_rerank import save_tiny_hf_clip
 
 
@@ -48,3 +54,37 @@ def test_dalle_imagine_writes_the_contract_files(tiny_pipeline, tmp_path):
         assert Image.open(out / line["image"]).size == (32, 32)
         if name == "ours":
             assert Image.open(out / line["frames"]).n_frames >= 2
+
+
+def test_total_variation_is_zero_for_a_flat_picture_and_two_for_a_checkerboard():
+    assert total_variation(torch.full((1, 3, 8, 8), 0.3)).item() == 0.0
+    board = ((torch.arange(8)[:, None] + torch.arange(8)[None]) % 2).float().expand(1, 3, 8, 8)
+    assert abs(total_variation(board).item() - 2.0) < 1e-6
+
+
+def test_the_judge_trains_on_pictures_that_fool_it_and_imagine_uses_it(tiny_pipeline, tmp_path):
+    run = tmp_path / "model"
+    shutil.copytree(tiny_pipeline, run)
+    assert main(["train-judge", "--config", str(TINY), "--run-dir", str(run), "--set", "train.judge.steps=4",
+                 "--set", "train.judge.batch_size=8", "--set", "train.judge.warmup_steps=1",
+                 "--set", "train.judge.log_every=1", "--set", "judge.eps=2.0"]) == 0
+    records = [json.loads(line) for line in (run / "logs" / "judge.jsonl").read_text().splitlines()]
+    assert len(records) == 4
+    assert all(r["adversarial"] > r["clean"] for r in records)  # the attack found worse pictures
+    judge, clip = load_clip(run / "judge"), load_clip(run / "clip")
+    assert any(not torch.equal(a, b) for a, b in zip(judge.state_dict().values(), clip.state_dict().values()))
+    out = tmp_path / "imagined"
+    assert main(["imagine", "--model", str(run), "--prompt", "a red circle", "--steps", "5", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    (line,) = [json.loads(text) for text in (out / "samples.jsonl").read_text().splitlines()]
+    picture = Image.open(out / line["image"])
+    pipeline = load_pipeline(run, device="cpu")
+    by_judge = score_images(CLIPScorer(judge, pipeline.tokenizer), "a red circle", [picture])[0]
+    by_clip = score_images(pipeline.scorer, "a red circle", [picture])[0]
+    assert abs(line["clip_score"] - float(by_judge)) < 1e-3 < abs(line["clip_score"] - float(by_clip))
+
+
+def test_imagine_refuses_a_negative_smoothness(tiny_pipeline):
+    pipeline = load_pipeline(tiny_pipeline, device="cpu")
+    with pytest.raises(DalleError, match="smoothness"):
+        imagine(pipeline.dvae, pipeline.scorer, "a red circle", steps=1, smoothness=-1.0, progress=False)

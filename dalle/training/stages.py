@@ -43,7 +43,7 @@ from dalle.data.sources import open_source, take
 from dalle.errors import DalleError
 from dalle.images import to_float
 from dalle.inference.pipeline import write_sampling_defaults
-from dalle.models.clip import CLIP
+from dalle.models.clip import CLIP, load_clip, save_clip
 from dalle.models.dvae import DVAE, kl_weight_at, temperature_at
 from dalle.models.image_tokenizer import KINDS, load_image_tokenizer
 from dalle.models.transformer import DalleTransformer, drop_captions
@@ -286,23 +286,78 @@ def train_clip(config: Config, resume: str | None = "auto", progress: bool = Tru
     model = CLIP(clip_config)
     batches = image_caption_batches(config, train, progress)
 
-    hard_negatives = clip_config.hard_negatives and config.data.source == "shapes"
-    twin_pairs = shapes.TRAIN_PAIRS if config.data.split == "train" else None  # no held-out pair, even as a negative
 
     def step_fn(model, batch, step):
-        negatives = None
-        if hard_negatives:  # seeded by the step, so a resumed run draws the same twins
-            rng = np.random.default_rng([train.seed, step])
-            twins = [t for t in (shapes.false_twin(c, rng, pairs=twin_pairs) for c in batch["captions"])
-                     if t is not None]
-            negatives = tokenizer.encode(twins) if twins else None
-        images = to_float(batch["images"])
-        negatives = negatives.to(images.device) if negatives is not None else None
-        out = model(tokenizer.encode(batch["captions"]).to(images.device), images, negatives)
-        return {"loss": out["loss"]}
+        text_ids, images, negatives = _clip_inputs(config, clip_config, tokenizer, batch, step)
+        return {"loss": model(text_ids, images, negatives)["loss"]}
 
     result = fit(model, batches, step_fn, train, config.run_dir, "clip", resume=resume,
                  items_per_batch=lambda b: len(b["images"]), progress=progress, stop_after=stop_after)
+    return _summary(result)
+
+
+def _clip_inputs(config: Config, clip_config, tokenizer: Tokenizer, batch: dict, step: int):
+    """A CLIP batch as tensors: caption ids, pictures in [0, 1], and the false twins (shapes only) or None."""
+    negatives = None
+    if clip_config.hard_negatives and config.data.source == "shapes":
+        rng = np.random.default_rng([config.train.clip.seed, step])  # seeded by the step: a resumed run draws the same
+        pairs = shapes.TRAIN_PAIRS if config.data.split == "train" else None  # no held-out pair, even as a negative
+        twins = [t for t in (shapes.false_twin(c, rng, pairs=pairs) for c in batch["captions"]) if t is not None]
+        negatives = tokenizer.encode(twins) if twins else None
+    images = to_float(batch["images"])
+    negatives = negatives.to(images.device) if negatives is not None else None
+    return tokenizer.encode(batch["captions"]).to(images.device), images, negatives
+
+
+def train_judge(config: Config, resume: str | None = "auto", progress: bool = True, stop_after: int | None = None):
+    """Fine-tunes the run's CLIP on adversarial pictures and writes run_dir/judge, `dalle imagine`'s default judge.
+
+    Each step first finds, for every picture of the batch, the change within an L2 ball of
+    radius `judge.eps` that most raises the contrastive loss (`judge.attack_steps` projected
+    gradient steps), then trains on the changed pictures plus `judge.clean_weight` times the
+    plain loss. Such a model's gradients point towards whole objects, not towards pixels
+    that fool it, which is what imagine climbs.
+    """
+    run_dir = Path(config.run_dir)
+    if not (run_dir / "clip" / CONFIG_FILE).exists():
+        raise DalleError(f"{run_dir / 'clip'} is missing: train the CLIP first (dalle train-clip)")
+    tokenizer = prepare_tokenizer(config)
+    model = load_clip(run_dir / "clip")
+    clip_config = model.config
+    train = config.train.judge
+    torch.manual_seed(train.seed)
+    batches = image_caption_batches(config, train, progress)
+    judge = config.judge
+
+    def attack(model, text_ids, images, negatives):
+        delta, step_size = torch.zeros_like(images), 2.5 * judge.eps / judge.attack_steps
+        for _ in range(judge.attack_steps):
+            delta.requires_grad_(True)
+            loss = model(text_ids, (images + delta).clamp(0, 1), negatives)["loss"]
+            (grad,) = torch.autograd.grad(loss, delta)
+            delta = delta.detach() + step_size * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            norm = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            delta = delta * (judge.eps / norm.clamp_min(judge.eps))  # back into the ball
+        return (images + delta).clamp(0, 1).detach()
+
+    def step_fn(model, batch, step):
+        text_ids, images, negatives = _clip_inputs(config, clip_config, tokenizer, batch, step)
+        model.eval()  # the attack sees the model as it is, with no weight gradients kept
+        for p in model.parameters():
+            p.requires_grad_(False)
+        try:
+            changed = attack(model, text_ids, images, negatives)
+        finally:
+            for p in model.parameters():
+                p.requires_grad_(True)
+        model.train()
+        adversarial = model(text_ids, changed, negatives)["loss"]
+        clean = model(text_ids, images, negatives)["loss"] if judge.clean_weight else torch.zeros(())
+        return {"loss": adversarial + judge.clean_weight * clean, "adversarial": adversarial.detach(),
+                "clean": clean.detach()}
+
+    result = fit(model, batches, step_fn, train, config.run_dir, "judge", save_fn=lambda m, d: save_clip(m, d),
+                 resume=resume, items_per_batch=lambda b: len(b["images"]), progress=progress, stop_after=stop_after)
     return _summary(result)
 
 
