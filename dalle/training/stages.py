@@ -8,6 +8,8 @@ pipeline directory that `dalle.load_pipeline` reads:
 
   run_dir/tokenizer.json, run_dir/dvae/ (or run_dir/vqgan/), run_dir/clip/, run_dir/transformer/
 
+`train_judge` fine-tunes run_dir/clip into run_dir/judge, which only `dalle imagine` reads.
+
 They do not evaluate what they trained: the CLI and the demo compose "train, then
 evaluate" (`dalle.evaluation.stages`).
 """
@@ -286,7 +288,6 @@ def train_clip(config: Config, resume: str | None = "auto", progress: bool = Tru
     model = CLIP(clip_config)
     batches = image_caption_batches(config, train, progress)
 
-
     def step_fn(model, batch, step):
         text_ids, images, negatives = _clip_inputs(config, clip_config, tokenizer, batch, step)
         return {"loss": model(text_ids, images, negatives)["loss"]}
@@ -356,7 +357,7 @@ def train_judge(config: Config, resume: str | None = "auto", progress: bool = Tr
         return {"loss": adversarial + judge.clean_weight * clean, "adversarial": adversarial.detach(),
                 "clean": clean.detach()}
 
-    result = fit(model, batches, step_fn, train, config.run_dir, "judge", save_fn=lambda m, d: save_clip(m, d),
+    result = fit(model, batches, step_fn, train, config.run_dir, "judge", save_fn=save_clip,
                  resume=resume, items_per_batch=lambda b: len(b["images"]), progress=progress, stop_after=stop_after)
     return _summary(result)
 
