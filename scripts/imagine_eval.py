@@ -1,6 +1,7 @@
 """How well `dalle imagine` draws one-object shapes prompts, read by the shapes picture reader.
 
-  python scripts/imagine_eval.py --model runs/shapes [--n 50] [--steps 100] [--init random|sample] [--seed 0] [--smoothness W]
+  python scripts/imagine_eval.py --model runs/shapes [--n 50] [--steps 100] [--init random|sample] [--seed 0]
+      [--smoothness W]
 
 For each one-object test prompt: the asked colour found (an object of that colour), the asked
 colour and shape (`shapes.judge`: exactly that object), and the seconds per picture.
