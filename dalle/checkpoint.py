@@ -23,7 +23,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dalle.config import ConfigError, from_dict, to_dict
+from dalle.config_io import ConfigError, from_dict, to_dict
 from dalle.errors import DalleError
 
 CONFIG_FILE = "config.json"

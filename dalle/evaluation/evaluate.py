@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dalle.config import to_dict
+from dalle.config_io import to_dict
 from dalle.data import shapes
 from dalle.evaluation.digits import evaluate_digits
 from dalle.evaluation.report import write_report

@@ -18,7 +18,8 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from PIL import Image
 
 from dalle.checkpoint import CheckpointError, atomic_directory, save_model, write_json_atomic
-from dalle.config import SamplingConfig, to_dict
+from dalle.config import SamplingConfig
+from dalle.config_io import to_dict
 from dalle.errors import DalleError
 from dalle.models.image_tokenizer import NAMES
 from dalle.tokenizer import TOKENIZER_FILE, Tokenizer

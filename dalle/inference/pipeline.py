@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from dalle.checkpoint import CONFIG_FILE, CheckpointError, write_json_atomic
-from dalle.config import ConfigError, SamplingConfig, check_sampling, from_dict, to_dict
+from dalle.config import SamplingConfig, check_sampling
+from dalle.config_io import ConfigError, from_dict, to_dict
 from dalle.errors import DalleError
 from dalle.images import pil_to_tensor, tensor_to_pil
 from dalle.inference.devices import precision_label, resolve_device, resolve_dtype, run_label

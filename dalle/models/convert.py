@@ -19,7 +19,8 @@ from typing import Any
 import torch
 import yaml
 
-from dalle.config import ConfigError, DVAEConfig, VQGANConfig, from_dict
+from dalle.config import DVAEConfig, VQGANConfig
+from dalle.config_io import ConfigError, from_dict
 from dalle.errors import DalleError
 from dalle.models.dvae import DVAE, save_dvae
 from dalle.models.vqgan import VQGAN, save_vqgan

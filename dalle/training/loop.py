@@ -49,7 +49,8 @@ from accelerate.utils import DistributedType, send_to_device, set_seed
 from tqdm.auto import tqdm
 
 from dalle.checkpoint import atomic_directory, lock_directory, save_model, write_json_atomic
-from dalle.config import TrainConfig, to_dict
+from dalle.config import TrainConfig
+from dalle.config_io import to_dict
 from dalle.errors import DalleError
 from dalle.inference.devices import cpu_prefers_bf16, keep_freed_memory, run_label
 from dalle.training.batches import shard
