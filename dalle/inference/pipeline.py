@@ -268,8 +268,7 @@ class Pipeline:
         its CLIP; `smoothness` defaults to 1 with the judge and 0 with a plain CLIP (as measured
         in docs/EXPERIMENTS.md)."""
         if scorer is None and self.directory is not None and (self.directory / "judge" / CONFIG_FILE).exists():
-            scorer = CLIPScorer(load_clip(self.directory / "judge", device=self.device), self.tokenizer,
-                                device=self.device)
+            scorer = load_scorer(self.directory / "judge", self.tokenizer, device=self.device)
             smoothness = 1.0 if smoothness is None else smoothness
         scorer = scorer or self.scorer
         smoothness = 0.0 if smoothness is None else smoothness

@@ -343,14 +343,8 @@ def train_judge(config: Config, resume: str | None = "auto", progress: bool = Tr
 
     def step_fn(model, batch, step):
         text_ids, images, negatives = _clip_inputs(config, clip_config, tokenizer, batch, step)
-        model.eval()  # the attack sees the model as it is, with no weight gradients kept
-        for p in model.parameters():
-            p.requires_grad_(False)
-        try:
-            changed = attack(model, text_ids, images, negatives)
-        finally:
-            for p in model.parameters():
-                p.requires_grad_(True)
+        model.eval()  # the attack sees the model as it is; autograd.grad(loss, delta) leaves the weights' .grad alone
+        changed = attack(model, text_ids, images, negatives)
         model.train()
         adversarial = model(text_ids, changed, negatives)["loss"]
         clean = model(text_ids, images, negatives)["loss"] if judge.clean_weight else torch.zeros(())
