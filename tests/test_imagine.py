@@ -62,7 +62,7 @@ def test_total_variation_is_zero_for_a_flat_picture_and_two_for_a_checkerboard()
     assert abs(total_variation(board).item() - 2.0) < 1e-6
 
 
-def test_the_judge_trains_on_pictures_that_fool_it_and_imagine_uses_it(tiny_pipeline, tmp_path):
+def test_the_judge_trains_on_pictures_that_fool_it_and_imagine_uses_it(tiny_pipeline, tmp_path, capsys):
     run = tmp_path / "model"
     shutil.copytree(tiny_pipeline, run)
     assert main(["train-judge", "--config", str(TINY), "--run-dir", str(run), "--set", "train.judge.steps=4",
@@ -82,6 +82,16 @@ def test_the_judge_trains_on_pictures_that_fool_it_and_imagine_uses_it(tiny_pipe
     by_judge = score_images(CLIPScorer(judge, pipeline.tokenizer), "a red circle", [picture])[0]
     by_clip = score_images(pipeline.scorer, "a red circle", [picture])[0]
     assert abs(line["clip_score"] - float(by_judge)) < 1e-3 < abs(line["clip_score"] - float(by_clip))
+
+    saved = pipeline.save_pretrained(tmp_path / "saved")  # save_pretrained and push_to_hub carry the judge
+    assert all(torch.equal(a, b) for a, b in zip(load_clip(saved / "judge").state_dict().values(),
+                                                 judge.state_dict().values()))
+    assert load_pipeline(saved, device="cpu").judge is not None
+
+    longer = ["train-judge", "--config", str(TINY), "--run-dir", str(run), "--set", "train.judge.steps=5",
+              "--set", "train.judge.batch_size=8", "--set", "train.judge.warmup_steps=1", "--set", "judge.eps=1.0"]
+    assert main(longer) != 0  # a resumed judge must keep its attack
+    assert "judge.eps = 2.0, now 1.0" in capsys.readouterr().err
 
 
 def test_imagine_refuses_a_negative_smoothness(tiny_pipeline):

@@ -89,7 +89,7 @@ def read_card_metadata(directory: str | Path) -> dict[str, Any]:
 
 def save_pipeline(directory: str | Path, tokenizer: Tokenizer, transformer, image_tokenizer, clip_model,
                   sampling: SamplingConfig, source: Path | None = None, max_shard_size: int | str = "2GB",
-                  metrics: dict[str, Any] | None = None, grid: Image.Image | None = None) -> Path:
+                  metrics: dict[str, Any] | None = None, grid: Image.Image | None = None, judge=None) -> Path:
     """Writes a pipeline directory (atomically) with sharded weights and a model card.
 
     Args:
@@ -102,6 +102,7 @@ def save_pipeline(directory: str | Path, tokenizer: Tokenizer, transformer, imag
         max_shard_size: weights above this are split into shards ("2GB", or bytes).
         metrics: `dalle eval` metrics for the card (default: source/eval/metrics.json if any).
         grid: a picture of samples for the card.
+        judge: imagine's CLIP from `dalle train-judge` (our CLIP), written to judge/, or None.
     """
     kind = image_tokenizer.kind
     facts = {"image tokenizer": NAMES.get(kind, kind),
@@ -117,9 +118,10 @@ def save_pipeline(directory: str | Path, tokenizer: Tokenizer, transformer, imag
     with atomic_directory(directory) as tmp:
         tokenizer.hf.save(str(tmp / TOKENIZER_FILE))
         write_json_atomic(tmp / SAMPLING_FILE, to_dict(sampling))
-        for name, model in (("transformer", transformer), (kind, image_tokenizer), ("clip", clip_model)):
+        for folder, name, model in (("transformer", "transformer", transformer), (kind, kind, image_tokenizer),
+                                    ("clip", "clip", clip_model), ("judge", "clip", judge)):
             if model is not None:
-                save_model(model, model.config, tmp / name, name, max_shard_size=max_shard_size)
+                save_model(model, model.config, tmp / folder, name, max_shard_size=max_shard_size)
         if grid is not None:
             grid.save(tmp / SAMPLE_GRID)
         (tmp / CARD_FILE).write_text(model_card(sampling, facts, metrics, grid is not None), encoding="utf-8")
@@ -131,7 +133,7 @@ def _training_facts(source: Path | None, kind: str = "dvae") -> dict[str, str]:
     facts = {}
     if source is None:
         return facts
-    for stage in (kind, "clip", "transformer"):
+    for stage in (kind, "clip", "transformer", "judge"):
         log = source / "logs" / f"{stage}.jsonl"
         if log.is_file():
             lines = [line for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -86,9 +86,11 @@ class Pipeline:
     """
 
     def __init__(self, tokenizer: Tokenizer, transformer: DalleTransformer, image_tokenizer: ImageTokenizer,
-                 scorer: Scorer | None, directory: Path | None = None, sampling: SamplingConfig | None = None):
+                 scorer: Scorer | None, directory: Path | None = None, sampling: SamplingConfig | None = None,
+                 judge: Scorer | None = None):
         check_fit(tokenizer, transformer, image_tokenizer, scorer)
         self.tokenizer, self.transformer, self.scorer = tokenizer, transformer, scorer
+        self.judge = judge  # imagine's CLIP, from `dalle train-judge` (judge/), or None
         self.image_tokenizer = image_tokenizer
         self.directory = directory
         self.sampling = sampling or SamplingConfig()  # what a call uses for the options it leaves out
@@ -130,9 +132,10 @@ class Pipeline:
         dtype = resolve_dtype(dtype, device)
         self.transformer.to(device=device, dtype=dtype)
         self.image_tokenizer.to(device)
-        if isinstance(self.scorer, CLIPScorer | HFCLIPScorer):
-            self.scorer.model.to(device)
-            self.scorer.device = device
+        for scorer in (self.scorer, self.judge):
+            if isinstance(scorer, CLIPScorer | HFCLIPScorer):
+                scorer.model.to(device)
+                scorer.device = device
         return self
 
     def encode_image(self, image: Image.Image | str | Path, what: str = "picture") -> torch.Tensor:
@@ -267,9 +270,8 @@ class Pipeline:
         the pipeline's judge (its `judge/`, from `dalle train-judge`) where it has one, else to
         its CLIP; `smoothness` defaults to 1 with the judge and 0 with a plain CLIP (as measured
         in docs/EXPERIMENTS.md)."""
-        if scorer is None and self.directory is not None and (self.directory / "judge" / CONFIG_FILE).exists():
-            scorer = load_scorer(self.directory / "judge", self.tokenizer, device=self.device)
-            smoothness = 1.0 if smoothness is None else smoothness
+        if scorer is None and self.judge is not None:
+            scorer, smoothness = self.judge, 1.0 if smoothness is None else smoothness
         scorer = scorer or self.scorer
         smoothness = 0.0 if smoothness is None else smoothness
         if scorer is None:
@@ -291,9 +293,9 @@ class Pipeline:
 
         Weights above `max_shard_size` are split into safetensors shards with an index;
         `metrics` (from `dalle eval`) and a `grid` of samples go into the card."""
-        clip_model = self.scorer.model if isinstance(self.scorer, CLIPScorer) else None
+        clip_model, judge = (s.model if isinstance(s, CLIPScorer) else None for s in (self.scorer, self.judge))
         return save_pipeline(directory, self.tokenizer, self.transformer, self.image_tokenizer, clip_model,
-                             self.sampling, self.directory, max_shard_size, metrics, grid)
+                             self.sampling, self.directory, max_shard_size, metrics, grid, judge)
 
     def push_to_hub(self, repo: str, private: bool = False, token: str | None = None,
                     max_shard_size: int | str = "2GB", **card) -> str:
@@ -415,7 +417,11 @@ def load_pipeline(directory: str | Path, clip: str | None = None, device: str | 
     scorer = None
     if clip is not None or (directory / "clip").is_dir():
         scorer = load_scorer_for(directory, clip, device=device)
-    pipeline = Pipeline(tokenizer, transformer, image_tokenizer, scorer, directory, read_sampling_defaults(directory))
+    judge = None
+    if (directory / "judge" / CONFIG_FILE).exists():
+        judge = load_scorer(directory / "judge", tokenizer, device=device)
+    pipeline = Pipeline(tokenizer, transformer, image_tokenizer, scorer, directory, read_sampling_defaults(directory),
+                        judge)
     pipeline.compile = compile
     pipeline = pipeline.to(device, dtype)
     log.debug("[pipeline] %s on %s", directory, pipeline.where())

@@ -127,6 +127,7 @@ class Run:
     state_dir: Path
     log_path: Path
     trackers: bool
+    stage_settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"judge.eps": 3.0}
 
     @property
     def fsdp(self) -> bool:
@@ -136,7 +137,8 @@ class Run:
 def fit(model: torch.nn.Module, batches, step_fn: Callable, config: TrainConfig, run_dir: str | Path, stage: str,
         save_fn: Callable[[torch.nn.Module, Path], Any] | None = None, *, resume: str | None = "auto",
         items_per_batch: Callable[[dict], int] | None = None, on_log: Callable | None = None,
-        progress: bool = True, stop_after: int | None = None) -> FitResult:
+        progress: bool = True, stop_after: int | None = None,
+        stage_settings: dict[str, Any] | None = None) -> FitResult:
     """Trains `model` for `config.steps` optimizer steps and saves it to run_dir/stage.
 
     Args:
@@ -154,9 +156,12 @@ def fit(model: torch.nn.Module, batches, step_fn: Callable, config: TrainConfig,
         on_log: called with each log record (a dict) and the unwrapped model, e.g. to draw samples.
         progress: show a tqdm bar.
         stop_after: stop (with a checkpoint) after this many steps in this call; for tests.
+        stage_settings: the stage's own settings outside its TrainConfig and model config
+            (by their config names); a resumed run must share them too.
     """
     keep_freed_memory()  # every step frees and reallocates the same activations
     run = _prepare(model, config, Path(run_dir), stage)
+    run.stage_settings = dict(stage_settings or {})
     with contextlib.ExitStack() as hold:
         if run.accelerator.is_main_process:  # a second trainer of this stage and run is told, not mixed in
             hold.enter_context(lock_directory(run.state_dir))
@@ -286,7 +291,8 @@ def _settings(run: Run) -> dict[str, Any]:
     """What a resumed run must share with the run it continues: the stage's training and model settings."""
     train = {k: v for k, v in to_dict(run.config).items() if k not in RESUMABLE_CHANGES}
     model_config = getattr(run.raw_model, "config", None)
-    return {"train": train, "model": to_dict(model_config) if dataclasses.is_dataclass(model_config) else None}
+    return {"train": train, "model": to_dict(model_config) if dataclasses.is_dataclass(model_config) else None,
+            "stage": run.stage_settings}
 
 
 def _check_settings(run: Run, path: Path) -> None:
@@ -298,11 +304,13 @@ def _check_settings(run: Run, path: Path) -> None:
     if not isinstance(saved, dict):
         return  # written before settings were recorded
     now = json.loads(json.dumps(_settings(run)))  # as JSON stores it (tuples become lists)
-    for part in ("train", "model"):
+    for part in ("train", "model", "stage"):
+        if part not in saved:
+            continue  # written before this part was recorded
         for key in sorted(set(saved.get(part) or {}) | set(now.get(part) or {})):
             old, new = (saved.get(part) or {}).get(key), (now.get(part) or {}).get(key)
             if old != new:
-                where = f"train.{run.stage}.{key}" if part == "train" else f"{run.stage}.{key}"
+                where = {"train": f"train.{run.stage}.{key}", "model": f"{run.stage}.{key}", "stage": key}[part]
                 raise TrainingError(f"{run.state_dir} was trained with {where} = {old!r}, now {new!r}: "
                                     f"use another --run-dir, or --resume none to start over")
 

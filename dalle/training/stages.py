@@ -40,6 +40,7 @@ from dalle.checkpoint import (
     write_text_atomic,
 )
 from dalle.config import Config
+from dalle.config_io import to_dict
 from dalle.data import shapes
 from dalle.data.sources import open_source, take
 from dalle.errors import DalleError
@@ -352,7 +353,8 @@ def train_judge(config: Config, resume: str | None = "auto", progress: bool = Tr
                 "clean": clean.detach()}
 
     result = fit(model, batches, step_fn, train, config.run_dir, "judge", save_fn=save_clip,
-                 resume=resume, items_per_batch=lambda b: len(b["images"]), progress=progress, stop_after=stop_after)
+                 resume=resume, items_per_batch=lambda b: len(b["images"]), progress=progress, stop_after=stop_after,
+                 stage_settings={f"judge.{key}": value for key, value in to_dict(judge).items()})
     return _summary(result)
 
 
