@@ -28,7 +28,8 @@ from dalle.evaluation.stages import evaluate_clip_shapes, evaluate_dvae
 from dalle.images import IMAGE_SUFFIXES, read_images, tensor_to_pil
 from dalle.inference.devices import resolve_device, resolve_dtype
 from dalle.inference.editing import parse_box, read_picture
-from dalle.inference.pipeline import MAX_CANDIDATES, Sample, check_request, load_pipeline, load_scorer_for
+from dalle.inference.pipeline import MAX_CANDIDATES, Sample, check_request, load_pipeline
+from dalle.inference.scorers import load_scorer_for
 from dalle.inference.scoring import classify as classify_images
 from dalle.inference.scoring import search as search_embeddings
 from dalle.inference.search_index import build_or_load_index, index_dir_for
@@ -300,8 +301,8 @@ def edit(model: str, image: str, prompt: str, out: str, box: str | None = None, 
 
 
 def imagine(model: str, prompt: str, out: str, seed: int = 0, steps: int = 100, init: str = "random",
-            clip: str | None = None, smoothness: float | None = None, frames: bool = False, device: str = "auto",
-            dtype: str = "auto") -> Path:
+            clip: str | None = None, smoothness: float | None = None, restarts: int = 1,
+            frames: bool = False, device: str = "auto", dtype: str = "auto") -> Path:
     """A picture for a prompt found by optimising the image tokenizer's codes for CLIP's score (no transformer
     needed); the judge is `--clip`, else the model's judge/ (`dalle train-judge`), else its CLIP."""
     check_request([prompt], 1, 1, seed)
@@ -310,11 +311,11 @@ def imagine(model: str, prompt: str, out: str, seed: int = 0, steps: int = 100, 
     scorer = load_scorer_for(model, clip, device=pipeline.device) if clip else None
     with lock_directory(out):
         found = pipeline.imagine(prompt, steps=steps, seed=seed, init=init, scorer=scorer, smoothness=smoothness,
-                                 frame_every=max(1, steps // 20) if frames else 0)
+                                 restarts=restarts, frame_every=max(1, steps // 20) if frames else 0)
         results = Results(Path(out))
         sample = Sample(found.image, 1, found.clip_score, 0, found.codes)
         results.add(0, prompt, seed, [sample], [[frame] for frame in found.frames[:-1]] if frames else None,
-                    steps=steps, init=init)
+                    steps=steps, init=init, rank_score=found.rank_score)
         path = results.write()
     print(path)
     return Path(out)

@@ -1,7 +1,7 @@
 """How well `dalle imagine` draws one-object shapes prompts, read by the shapes picture reader.
 
   python scripts/imagine_eval.py --model runs/shapes [--n 50] [--steps 100] [--init random|sample] [--seed 0]
-      [--smoothness W]
+      [--smoothness W] [--restarts R]
 
 For each one-object test prompt: the asked colour found (an object of that colour), the asked
 colour and shape (`shapes.judge`: exactly that object), and the seconds per picture.
@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--init", choices=["random", "sample"], default="random")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoothness", type=float, help="default: 1 with the model's judge/, else 0")
+    parser.add_argument("--restarts", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     pipeline = load_pipeline(args.model, device=args.device)
@@ -37,7 +38,7 @@ def main() -> None:
     started = time.perf_counter()
     for index, prompt in enumerate(prompts):
         found = pipeline.imagine(prompt, steps=args.steps, seed=args.seed + index, init=args.init,
-                                 smoothness=args.smoothness, progress=False)
+                                 smoothness=args.smoothness, restarts=args.restarts, progress=False)
         asked = shapes.parse_caption(prompt).objects[0]
         objects = shapes.read_objects(found.image)
         colour.append(any(o.colour == asked[0] for o in objects))
@@ -45,7 +46,7 @@ def main() -> None:
     seconds = (time.perf_counter() - started) / len(prompts)
     summary = {"colour": float(np.mean(colour)), "colour_shape": float(np.mean(colour_shape)), "n": len(prompts),
                "seconds_per_picture": round(seconds, 2), "steps": args.steps, "init": args.init, "seed": args.seed,
-               "smoothness": args.smoothness,
+               "smoothness": args.smoothness, "restarts": args.restarts,
                "model": args.model}
     print(f"asked colour found: {summary['colour']:.0%}; colour and shape: {summary['colour_shape']:.0%} "
           f"({len(prompts)} prompts, {seconds:.1f} s a picture, init {args.init})")

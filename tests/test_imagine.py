@@ -11,7 +11,8 @@ from dalle.cli import main
 from dalle.errors import DalleError
 from dalle.images import tensor_to_pil
 from dalle.inference.imagine import differentiable_image_embedding, imagine, total_variation
-from dalle.inference.pipeline import load_pipeline, load_scorer
+from dalle.inference.pipeline import load_pipeline
+from dalle.inference.scorers import load_scorer
 from dalle.inference.scoring import CLIPScorer, score_images
 from dalle.models.clip import load_clip
 from dalle.models.dvae import decode
@@ -30,6 +31,27 @@ def test_the_clip_score_rises_and_the_picture_is_made_of_codes(tiny_pipeline):
     decoded = decode(pipeline.dvae, found.codes.view(1, pipeline.grid, pipeline.grid))[0]  # made of those codes
     assert tensor_to_pil(decoded).tobytes() == found.image.tobytes()
     assert all(p.requires_grad for p in pipeline.dvae.parameters())  # the weights were not left frozen
+
+
+def test_restarts_run_together_and_the_ranker_keeps_the_best(tiny_pipeline):
+    pipeline = load_pipeline(tiny_pipeline, device="cpu")
+    ranker = CLIPScorer(load_clip(tiny_pipeline / "clip"), pipeline.tokenizer)
+    torch.nn.init.normal_(ranker.model.image_projection.weight)  # a ranker that disagrees with the guide
+    starts = torch.randint(0, pipeline.dvae.codebook_size, (3, pipeline.grid**2))
+    found = imagine(pipeline.dvae, pipeline.scorer, "a red circle", steps=4, seed=0, restarts=3, ranker=ranker,
+                    init_codes=starts, frame_every=2, progress=False)
+    pictures = [tensor_to_pil(decode(pipeline.dvae, codes.view(1, pipeline.grid, pipeline.grid))[0])
+                for codes in found.candidates]
+    ranked = score_images(ranker, "a red circle", pictures)
+    assert len(pictures) == 3 and found.image.tobytes() == pictures[int(ranked.argmax())].tobytes()
+    assert abs(found.rank_score - float(ranked.max())) < 1e-3
+    assert abs(found.clip_score - float(score_images(pipeline.scorer, "a red circle", [found.image])[0])) < 1e-3
+    assert found.frames[-1] is found.image and len(found.frames) == 3  # steps 0 and 2, then the result
+    with pytest.raises(DalleError, match="restarts"):
+        imagine(pipeline.dvae, pipeline.scorer, "a red circle", steps=1, restarts=0, progress=False)
+    with pytest.raises(DalleError, match="2 starts for 3 restarts"):
+        imagine(pipeline.dvae, pipeline.scorer, "a red circle", steps=1, restarts=3, init_codes=starts[:2],
+                progress=False)
 
 
 def test_a_hugging_face_clip_judges_with_gradients(tiny_pipeline, tmp_path):
@@ -75,13 +97,14 @@ def test_the_judge_trains_on_pictures_that_fool_it_and_imagine_uses_it(tiny_pipe
     assert any(not torch.equal(a, b) for a, b in zip(judge.state_dict().values(), clip.state_dict().values()))
     out = tmp_path / "imagined"
     assert main(["imagine", "--model", str(run), "--prompt", "a red circle", "--steps", "5", "--out", str(out),
-                 "--device", "cpu"]) == 0
+                 "--device", "cpu", "--restarts", "3"]) == 0
     (line,) = [json.loads(text) for text in (out / "samples.jsonl").read_text().splitlines()]
     picture = Image.open(out / line["image"])
     pipeline = load_pipeline(run, device="cpu")
     by_judge = score_images(CLIPScorer(judge, pipeline.tokenizer), "a red circle", [picture])[0]
     by_clip = score_images(pipeline.scorer, "a red circle", [picture])[0]
     assert abs(line["clip_score"] - float(by_judge)) < 1e-3 < abs(line["clip_score"] - float(by_clip))
+    assert abs(line["rank_score"] - float(by_clip)) < 1e-3  # the CLIP chose among the restarts
 
     saved = pipeline.save_pretrained(tmp_path / "saved")  # save_pretrained and push_to_hub carry the judge
     assert all(torch.equal(a, b) for a, b in zip(load_clip(saved / "judge").state_dict().values(),

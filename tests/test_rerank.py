@@ -12,7 +12,7 @@ from PIL import Image
 from dalle.config import CLIPConfig
 from dalle.errors import DalleError
 from dalle.images import tensor_to_pil
-from dalle.inference.pipeline import load_scorer
+from dalle.inference.scorers import load_scorer
 from dalle.inference.scoring import (
     CLIPScorer,
     Scorer,

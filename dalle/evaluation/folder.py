@@ -30,7 +30,8 @@ from dalle.config import DataConfig
 from dalle.data.sources import FolderSource
 from dalle.errors import DalleError
 from dalle.images import pil_to_tensor, tensor_to_pil
-from dalle.inference.pipeline import Pipeline, load_scorer
+from dalle.inference.pipeline import Pipeline
+from dalle.inference.scorers import load_scorer
 from dalle.inference.scoring import Scorer, embed_images, score_images
 from dalle.models.dvae import psnr
 from dalle.viz import labelled_grid, save_png

@@ -12,6 +12,8 @@ one-hot times the codebook), so both tokenizers take the same path.
 pixels) to the loss, for one solid object rather than pieces. The result is the argmax
 codes, decoded. A plain CLIP is easily fooled by pieces of the right colour; a judge
 fine-tuned on adversarial pictures (`dalle train-judge`) draws whole objects far more often.
+`restarts` optimises several starts in one batch (Adam is per-element, so each is its own
+run) and keeps the one a second CLIP, the `ranker`, scores highest.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ class Imagined:
 
     image: Image.Image
     codes: torch.Tensor  # (N,) raster order
-    clip_score: float
+    clip_score: float  # by the CLIP that guided the optimisation
+    rank_score: float | None = None  # by the ranker that chose among the restarts (None: one start)
+    candidates: list[torch.Tensor] = field(default_factory=list)  # every restart's (N,) codes
     frames: list[Image.Image] = field(default_factory=list)  # the picture every `frame_every` steps
 
 
@@ -80,7 +84,7 @@ def total_variation(images: torch.Tensor) -> torch.Tensor:
 
 def imagine(tokenizer: ImageTokenizer, scorer: Scorer, prompt: str, *, steps: int = 100, seed: int = 0,
             init_codes: torch.Tensor | None = None, lr: float = 0.2, cutouts: int = 8, smoothness: float = 0.0,
-            frame_every: int = 0, progress: bool = True,
+            restarts: int = 1, ranker: Scorer | None = None, frame_every: int = 0, progress: bool = True,
             on_step: Callable[[int, float], None] | None = None) -> Imagined:
     """Optimises the image tokenizer's code logits for `prompt`; returns the argmax picture.
 
@@ -90,10 +94,12 @@ def imagine(tokenizer: ImageTokenizer, scorer: Scorer, prompt: str, *, steps: in
         prompt: what the picture should show.
         steps: optimisation steps (Adam).
         seed: the initial logits and the augmentations.
-        init_codes: (N,) codes to start from (e.g. a transformer sample); None: random logits.
+        init_codes: (N,) or (restarts, N) codes to start from (e.g. transformer samples); None: random logits.
         lr: Adam's learning rate on the logits.
         cutouts: augmented views per step.
         smoothness: the weight of the total-variation term (0: none).
+        restarts: starts optimised together; the result is the one `ranker` scores highest.
+        ranker: the CLIP that chooses among the restarts (default: `scorer`).
         frame_every: keep the picture every this many steps (0: none).
     """
     if not 1 <= steps <= 10_000:
@@ -102,13 +108,18 @@ def imagine(tokenizer: ImageTokenizer, scorer: Scorer, prompt: str, *, steps: in
         raise DalleError(f"cutouts must be in [1, 64], got {cutouts}")
     if not (math.isfinite(smoothness) and smoothness >= 0):
         raise DalleError(f"smoothness must be finite and >= 0, got {smoothness}")
+    if not 1 <= restarts <= 64:
+        raise DalleError(f"restarts must be in [1, 64], got {restarts}")
     device = next(tokenizer.parameters()).device
     grid, vocab = tokenizer.grid, tokenizer.codebook_size
     generator = torch.Generator().manual_seed(seed)
     if init_codes is None:
-        start = torch.randn(1, vocab, grid, grid, generator=generator)
+        start = torch.randn(restarts, vocab, grid, grid, generator=generator)
     else:  # a confident start on the given codes, still movable
-        start = 4.0 * F.one_hot(init_codes.view(1, grid, grid).cpu(), vocab).permute(0, 3, 1, 2).float()
+        init_codes = init_codes.view(-1, grid, grid).cpu()
+        if init_codes.shape[0] not in (1, restarts):
+            raise DalleError(f"init_codes has {init_codes.shape[0]} starts for {restarts} restarts")
+        start = 4.0 * F.one_hot(init_codes.expand(restarts, -1, -1), vocab).permute(0, 3, 1, 2).float()
     logits = start.to(device).requires_grad_(True)
     with torch.no_grad():
         text = scorer.embed_texts([prompt]).to(device).clone()  # (1, D); a normal tensor, not an inference one
@@ -122,38 +133,44 @@ def imagine(tokenizer: ImageTokenizer, scorer: Scorer, prompt: str, *, steps: in
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    codes = logits.detach().argmax(dim=1)  # (1, h, w)
-    picture = tokenizer.decode(codes)  # (1, 3, S, S)
-    final = float(score_images(scorer, prompt, picture.cpu())[0])
-    image = tensor_to_pil(picture[0])
-    return Imagined(image, codes.flatten().cpu(), final, frames + ([image] if frame_every else []))
+    codes = logits.detach().argmax(dim=1)  # (R, h, w)
+    pictures = tokenizer.decode(codes).cpu()  # (R, 3, S, S)
+    rank_scores = score_images(ranker or scorer, prompt, pictures) if restarts > 1 else None
+    best = int(rank_scores.argmax()) if rank_scores is not None else 0
+    final = float(score_images(scorer, prompt, pictures[best:best + 1])[0])
+    image = tensor_to_pil(pictures[best])
+    frames = [frame[best] for frame in frames] + ([image] if frame_every else [])
+    return Imagined(image, codes[best].flatten().cpu(), final, frames=frames, candidates=list(codes.flatten(1).cpu()),
+                    rank_score=float(rank_scores[best]) if rank_scores is not None else None)
 
 
 def _optimise(tokenizer: ImageTokenizer, scorer: Scorer, logits: torch.Tensor, text: torch.Tensor, steps: int,
               lr: float, cutouts: int, smoothness: float, frame_every: int, generator: torch.Generator, progress: bool,
               on_step: Callable[[int, float], None] | None) -> list[Image.Image]:
-    """The optimisation loop; returns the frames."""
-    vocab = tokenizer.codebook_size
+    """The optimisation loop over (R, K, h, w) logits; returns the frames, each a list of R pictures."""
+    vocab, restarts = tokenizer.codebook_size, logits.shape[0]
     optimizer = torch.optim.Adam([logits], lr=lr)
     frames = []
     bar = tqdm(range(steps), desc="imagine", disable=not progress, leave=False)
     for step in bar:
-        soft = logits.softmax(dim=1)  # (1, K, h, w)
+        soft = logits.softmax(dim=1)  # (R, K, h, w)
         hard = F.one_hot(soft.argmax(dim=1), vocab).permute(0, 3, 1, 2).to(soft.dtype)
         z = hard + soft - soft.detach()  # forward: codes; backward: the softmax
-        pixels = tokenizer.decode_one_hot(z)  # (1, 3, S, S)
-        views = augment(pixels, cutouts, generator)
-        similarity = (differentiable_image_embedding(scorer, views) @ text[0].to(views.device)).mean()
-        loss = -similarity
+        pixels = tokenizer.decode_one_hot(z)  # (R, 3, S, S)
+        views = augment(pixels, cutouts, generator)  # (cutouts * R, 3, S, S), cutout-major
+        cosines = differentiable_image_embedding(scorer, views) @ text[0].to(views.device)
+        similarity = cosines.view(cutouts, restarts).mean(dim=0)  # (R,)
+        loss = -similarity.mean()
         if smoothness:
             loss = loss + smoothness * total_variation(pixels)
+        loss = restarts * loss  # the sum of the restarts' own losses: each moves as if alone
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        score = scorer.logit_scale * similarity.item()
+        score = scorer.logit_scale * similarity.max().item()
         bar.set_postfix(clip=f"{score:.2f}")
         if on_step is not None:
             on_step(step, score)
         if frame_every and step % frame_every == 0:
-            frames.append(tensor_to_pil(pixels[0].detach()))
+            frames.append([tensor_to_pil(picture) for picture in pixels.detach()])
     return frames

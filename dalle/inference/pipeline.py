@@ -30,15 +30,14 @@ from dalle.inference.hf_clip import HFCLIPScorer
 from dalle.inference.hub import SAMPLING_FILE, push_pipeline, save_pipeline, snapshot_of
 from dalle.inference.imagine import Imagined, imagine
 from dalle.inference.sampling import sample_image_codes
+from dalle.inference.scorers import HF_PREFIX, load_scorer, load_scorer_for
 from dalle.inference.scoring import CLIPScorer, Scorer, rerank
-from dalle.models.clip import load_clip
 from dalle.models.image_tokenizer import NAMES, ImageTokenizer, image_tokenizer_dir, load_image_tokenizer
 from dalle.models.transformer import DalleTransformer, load_transformer
 from dalle.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-HF_PREFIX = "hf:"  # --clip hf:NAME_OR_DIR: a Hugging Face CLIP
 MAX_CANDIDATES = 10_000  # pictures sampled per prompt, at most
 MAX_PROMPT_CHARS = 1_000
 MAX_SEED = 2**63 - 1
@@ -263,15 +262,18 @@ class Pipeline:
 
     def imagine(self, prompt: str, *, steps: int = 100, seed: int = 0, init: str = "random",
                 scorer: Scorer | None = None, lr: float = 0.2, cutouts: int = 8, smoothness: float | None = None,
-                frame_every: int = 0, progress: bool = True) -> Imagined:
+                restarts: int = 1, frame_every: int = 0, progress: bool = True) -> Imagined:
         """A picture found by optimising the image tokenizer's codes for CLIP's score (`dalle.inference.imagine`).
 
-        `init="sample"` starts from the transformer's best of 16 samples; `scorer` defaults to
-        the pipeline's judge (its `judge/`, from `dalle train-judge`) where it has one, else to
-        its CLIP; `smoothness` defaults to 1 with the judge and 0 with a plain CLIP (as measured
-        in docs/EXPERIMENTS.md)."""
+        `init="sample"` starts from the transformer's best of 16 samples (one per restart);
+        `scorer` defaults to the pipeline's judge (its `judge/`, from `dalle train-judge`) where
+        it has one, else to its CLIP; `smoothness` defaults to 1 with the judge and 0 with a
+        plain CLIP (as measured in docs/EXPERIMENTS.md). With `restarts` > 1 the pipeline's
+        CLIP, when the judge guides, chooses among them."""
+        ranker = None
         if scorer is None and self.judge is not None:
-            scorer, smoothness = self.judge, 1.0 if smoothness is None else smoothness
+            scorer, ranker = self.judge, self.scorer
+            smoothness = 1.0 if smoothness is None else smoothness
         scorer = scorer or self.scorer
         smoothness = 0.0 if smoothness is None else smoothness
         if scorer is None:
@@ -281,9 +283,11 @@ class Pipeline:
         check_request([prompt], 1, 1, seed)
         start = None
         if init == "sample":
-            start = self([prompt], candidates=16, keep=1, seed=seed)[0][0].codes
+            samples = self([prompt], candidates=max(16, restarts), keep=restarts, seed=seed)[0]
+            start = torch.stack([sample.codes for sample in samples])  # (restarts, N)
         return imagine(self.image_tokenizer, scorer, prompt, steps=steps, seed=seed, init_codes=start, lr=lr,
-                       cutouts=cutouts, smoothness=smoothness, frame_every=frame_every, progress=progress)
+                       cutouts=cutouts, smoothness=smoothness, restarts=restarts, ranker=ranker,
+                       frame_every=frame_every, progress=progress)
 
     # ----------------------------------------------------------------------------- the Hub
 
@@ -448,46 +452,3 @@ def read_sampling_defaults(directory: str | Path) -> SamplingConfig:
         return from_dict(SamplingConfig, values, source=str(path))
     except ConfigError as error:
         raise CheckpointError(str(error)) from None
-
-
-def load_scorer_for(directory: str | Path, clip: str | None = None, device: str | torch.device = "cpu") -> Scorer:
-    """The CLIP of a pipeline (or CLIP-only) directory, or `clip` (hf:NAME or a directory) if given."""
-    directory = Path(directory)
-    if clip is not None and clip.startswith(HF_PREFIX):
-        return load_scorer(clip, device=device)
-    tokenizer_path = directory / TOKENIZER_FILE
-    clip_dir = Path(clip) if clip else directory / "clip"
-    if clip and not (clip_dir / "config.json").is_file() and (clip_dir / "clip").is_dir():
-        clip_dir = clip_dir / "clip"  # a CLIP run (or pipeline) directory: its CLIP
-    if clip and (clip_dir.parent / TOKENIZER_FILE).is_file():  # a CLIP from another run: its own tokenizer
-        tokenizer_path = clip_dir.parent / TOKENIZER_FILE
-    if not clip_dir.is_dir():
-        if (directory / "config.json").is_file():  # the directory is itself a CLIP model directory
-            clip_dir, tokenizer_path = directory, directory.parent / TOKENIZER_FILE
-        else:
-            raise CheckpointError(f"no CLIP in {directory}: expected {directory / 'clip'} (or pass --clip)")
-    try:
-        meta = json.loads((clip_dir / "config.json").read_text(encoding="utf-8"))
-        text_len = int(meta["config"]["text_len"])
-    except (OSError, KeyError, ValueError, json.JSONDecodeError):
-        raise CheckpointError(f"{clip_dir} is not a CLIP model directory") from None
-    if not tokenizer_path.is_file():
-        raise CheckpointError(f"no {TOKENIZER_FILE} beside {clip_dir}: the CLIP needs its tokenizer")
-    return load_scorer(clip_dir, tokenizer=load_tokenizer(tokenizer_path, text_len), device=device)
-
-
-def load_scorer(spec: str | Path, tokenizer: Any = None, device: str | torch.device = "cpu") -> Scorer:
-    """Opens a CLIP for scoring: `hf:NAME_OR_DIR` for Hugging Face, else one of our model directories.
-
-    Args:
-        spec: `hf:openai/clip-vit-base-patch32`, `hf:/path/to/saved/model`, or the path of
-            a directory written by `dalle.clip.save_clip`.
-        tokenizer: the project tokenizer; needed for our own CLIP, ignored for `hf:`.
-        device: where to run the model.
-    """
-    spec = str(spec)
-    if spec.startswith(HF_PREFIX):
-        return HFCLIPScorer(spec[len(HF_PREFIX):], device=device)
-    if tokenizer is None:
-        raise DalleError(f"scoring with the CLIP in {spec} needs the project tokenizer it was trained with")
-    return CLIPScorer(load_clip(spec, device=device), tokenizer, device=device)
