@@ -34,6 +34,13 @@ def test_wrong_type_names_key_and_file(tmp_path):
         load_config(path)
 
 
+def test_a_yaml_boolean_word_for_a_string_says_to_quote_it():
+    with pytest.raises(ConfigError, match=r"train.judge.mixed_precision must be str, got False: .*quote it"):
+        load_config(None, ["train.judge.mixed_precision=no"])
+    config = load_config(None, ['train.judge.mixed_precision="no"'])
+    assert config.train.judge.mixed_precision == "no"
+
+
 def test_validation_in_post_init():
     with pytest.raises(ConfigError, match="transformer.dim"):
         load_config(None, ["transformer.dim=30", "transformer.heads=4"])
