@@ -67,11 +67,10 @@ def _coerce(hint: Any, value: Any, path: str, source: str) -> Any:
             return float(value)
         except ValueError:
             pass
-    if hint is str and isinstance(value, bool):  # YAML 1.1: no, off, yes, on are booleans
-        raise ConfigError(f"{source}: {path} must be str, got {value!r}: YAML reads no / yes / off / on as "
-                          f"false / true, so quote it (e.g. {path}='\"no\"' with --set)")
     if hint in (int, float, str, bool) and (type(value) is not hint):
-        raise ConfigError(f"{source}: {path} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+        quote = " (YAML reads no / yes / off / on as false / true: quote the word)" if hint is str and isinstance(
+            value, bool) else ""
+        raise ConfigError(f"{source}: {path} must be {hint.__name__}, got {type(value).__name__} {value!r}{quote}")
     return value
 
 

@@ -35,7 +35,8 @@ def test_wrong_type_names_key_and_file(tmp_path):
 
 
 def test_a_yaml_boolean_word_for_a_string_says_to_quote_it():
-    with pytest.raises(ConfigError, match=r"train.judge.mixed_precision must be str, got False: .*quote it"):
+    quote = r"train.judge.mixed_precision must be str, got bool False \(YAML reads .*: quote the word\)"
+    with pytest.raises(ConfigError, match=quote):
         load_config(None, ["train.judge.mixed_precision=no"])
     config = load_config(None, ['train.judge.mixed_precision="no"'])
     assert config.train.judge.mixed_precision == "no"
