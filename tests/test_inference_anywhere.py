@@ -11,7 +11,7 @@ from PIL import Image
 
 from dalle.cli import main
 from dalle.errors import DalleError
-from dalle.inference.devices import resolve_device, resolve_dtype
+from dalle.inference.devices import cpu_prefers_bf16, resolve_device, resolve_dtype
 from dalle.inference.editing import region_to_codes
 from dalle.inference.hub import read_card_metadata
 from dalle.inference.pipeline import load_pipeline
@@ -39,7 +39,7 @@ def test_the_same_seed_gives_the_same_tokens_in_float32(tiny_pipeline):
 
 def test_devices_and_dtypes_that_cannot_run_are_one_line_errors():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if cpu_prefers_bf16() else torch.float32)
     with pytest.raises(DalleError, match="float16 cannot run on the cpu"):
         resolve_dtype("float16", torch.device("cpu"))
     with pytest.raises(DalleError, match="unknown device 'tpu'"):
