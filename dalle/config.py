@@ -347,6 +347,8 @@ class JudgeConfig:
     eps: float = 3.0  # the L2 radius of the attack on [0, 1] pictures; 1 barely helped imagine, 6 lost the colours
     attack_steps: int = 3  # projected gradient steps per batch
     clean_weight: float = 0.5  # the plain contrastive loss beside the adversarial one
+    # shapes only: each picture's shape twin (same place, another outline) as an extra wrong picture for its caption
+    shape_twins: bool = False
 
     def __post_init__(self):
         _check(math.isfinite(self.eps) and self.eps > 0, "judge.eps", f"must be finite and > 0, got {self.eps}")

@@ -118,6 +118,25 @@ def test_hard_negatives_are_extra_columns_of_the_picture_loss_only():
     torch.testing.assert_close(model(text_ids, images)["logits_per_image"], out["logits_per_image"][:, :3])
 
 
+def test_negative_pictures_are_extra_columns_of_the_caption_loss_only():
+    model = make_model()
+    text_ids, images = captions([2, 3, 4]), pictures(3)
+    twins, twin_ids = pictures(2) * 0.5, captions([5, 6], seed=1)
+    twin_ids[1] = text_ids[2]  # the second extra picture fits caption 2: one more positive of it
+    out = model(text_ids, images, negative_images=twins, negative_image_ids=twin_ids)
+    assert out["logits_per_image"].shape == (3, 3) and out["logits_per_text"].shape == (3, 5)
+    plain = model(text_ids, images)
+    torch.testing.assert_close(out["logits_per_text"][:, :3], plain["logits_per_text"])
+    text_targets = torch.tensor([[1.0, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 0.5, 0, 0.5]])
+    log_p_text = out["logits_per_text"].log_softmax(-1)
+    image_loss = torch.nn.functional.cross_entropy(out["logits_per_image"], torch.arange(3))
+    torch.testing.assert_close(out["loss"], (-(text_targets * log_p_text).sum(-1).mean() + image_loss) / 2)
+    with pytest.raises(DalleError, match="negative_images and negative_image_ids together"):
+        model(text_ids, images, negative_images=twins)
+    with pytest.raises(DalleError, match="one caption per picture"):
+        model(text_ids, images, negative_images=twins, negative_image_ids=twin_ids[:1])
+
+
 def test_hard_negatives_teach_word_order():
     # Four pictures whose twins hold the same tokens with the first two swapped: without
     # the twins as negatives nothing asks the model to tell the orders apart (the control),

@@ -89,7 +89,7 @@ def test_the_judge_trains_on_pictures_that_fool_it_and_imagine_uses_it(tiny_pipe
     shutil.copytree(tiny_pipeline, run)
     assert main(["train-judge", "--config", str(TINY), "--run-dir", str(run), "--set", "train.judge.steps=4",
                  "--set", "train.judge.batch_size=8", "--set", "train.judge.warmup_steps=1",
-                 "--set", "train.judge.log_every=1", "--set", "judge.eps=2.0",
+                 "--set", "train.judge.log_every=1", "--set", "judge.eps=2.0", "--set", "judge.shape_twins=true",
                  "--set", 'train.judge.mixed_precision="no"']) == 0  # bf16 rounds a tiny model's loss gap away
     records = [json.loads(line) for line in (run / "logs" / "judge.jsonl").read_text().splitlines()]
     assert len(records) == 4

@@ -7,7 +7,7 @@ index) triple gives byte-identical pictures on any machine.
 
 The reader (`read_objects`, `judge`) is the project's one picture reader: it snaps pixels
 to the palette, finds connected components, and tells circle / square / triangle apart by
-how much of its bounding box a component fills and how its width grows downwards.
+which corners of its bounding box a component fills.
 """
 
 from __future__ import annotations
@@ -223,6 +223,15 @@ def place(scene: Scene, size: int, rng: np.random.Generator) -> list[ShapeObject
     ]
 
 
+def layout(split: str, seed: int, index: int, size: int = 32,
+           one_object_share: float = ONE_OBJECT_SHARE) -> tuple[Scene, list[ShapeObject], np.random.Generator]:
+    """One dataset item's scene, its placed objects, and its geometry stream after placing them."""
+    check_size(size)
+    scene = sample_scene(split, seed, index, one_object_share)
+    rng = _rng(split, seed, index + 1_000_003)  # a separate stream for geometry
+    return scene, place(scene, size, rng), rng
+
+
 def render(split: str, seed: int, index: int, size: int = 32, paraphrase_prob: float = 0.0,
            one_object_share: float = ONE_OBJECT_SHARE) -> tuple[Image.Image, str]:
     """The (image, caption) of one dataset item; the same triple gives the same bytes.
@@ -235,10 +244,7 @@ def render(split: str, seed: int, index: int, size: int = 32, paraphrase_prob: f
         paraphrase_prob: chance of a non-canonical caption ("a picture of ...").
         one_object_share: the share of one-object scenes (see `sample_scene`).
     """
-    check_size(size)
-    scene = sample_scene(split, seed, index, one_object_share)
-    rng = _rng(split, seed, index + 1_000_003)  # a separate stream for geometry
-    objects = place(scene, size, rng)
+    scene, objects, rng = layout(split, seed, index, size, one_object_share)
     caption = caption_of(scene)
     if paraphrase_prob > 0 and rng.random() < paraphrase_prob:
         caption = _pick(rng, PARAPHRASES).format(caption)
@@ -438,14 +444,8 @@ def _position_holds(obj: DetectedObject, position: str, canvas: int) -> bool:
 
 
 def _relation_holds(a: DetectedObject, b: DetectedObject, relation: str, canvas: int, min_separation: float) -> bool:
-    need = min_separation * canvas
-    if relation == "above":
-        return b.cy - a.cy >= need
-    if relation == "below":
-        return a.cy - b.cy >= need
-    if relation == "to the left of":
-        return b.cx - a.cx >= need
-    return a.cx - b.cx >= need
+    gaps = {"above": b.cy - a.cy, "below": a.cy - b.cy, "to the left of": b.cx - a.cx, "to the right of": a.cx - b.cx}
+    return gaps[relation] >= min_separation * canvas
 
 
 def reads_same(original: Image.Image | np.ndarray, copy: Image.Image | np.ndarray, caption: str) -> bool:

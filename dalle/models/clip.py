@@ -191,8 +191,9 @@ class CLIP(nn.Module):
         images = self._prepare_images(images)  # (B, 3, S, S) in [-1, 1]
         return F.normalize(self.image_projection(self.vision(images)), dim=-1)  # (B, E)
 
-    def forward(self, text_ids: torch.Tensor, images: torch.Tensor,
-                negative_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, text_ids: torch.Tensor, images: torch.Tensor, negative_ids: torch.Tensor | None = None,
+                negative_images: torch.Tensor | None = None,
+                negative_image_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Scores every picture against every caption of the batch.
 
         Pair i (caption i, picture i) is the positive of row i. Captions that are
@@ -208,22 +209,36 @@ class CLIP(nn.Module):
                 own (hard negatives such as `shapes.false_twin`): more columns for the
                 picture-to-caption loss. One identical to a batch caption counts as a
                 positive of that caption's pictures.
+            negative_images: optional (M', 3, H, W) extra pictures with no caption of their
+                own (hard negatives such as `twin_pictures.shape_twin`): more columns for the
+                caption-to-picture loss.
+            negative_image_ids: (M', text_len) the captions true of `negative_images`; a
+                batch caption identical to one counts that picture as a positive.
 
         Returns:
             dict with `loss` (scalar), `logits_per_image` (B, B + M): [i, j] is the
-            scaled cosine of picture i and caption j, and `logits_per_text` (B, B).
+            scaled cosine of picture i and caption j, and `logits_per_text` (B, B + M').
         """
         if text_ids.shape[0] != images.shape[0]:
             raise DalleError(f"CLIP got {text_ids.shape[0]} captions for {images.shape[0]} pictures")
+        if (negative_images is None) != (negative_image_ids is None) or (
+                negative_images is not None and negative_images.shape[0] != negative_image_ids.shape[0]):
+            raise DalleError("CLIP needs negative_images and negative_image_ids together, one caption per picture")
         batch = text_ids.shape[0]
         all_ids = text_ids if negative_ids is None else torch.cat([text_ids, negative_ids])  # (B + M, L)
         text = self.encode_text(all_ids)  # (B + M, E)
-        image = self.encode_image(images)  # (B, E)
-        logits_per_image = self.logit_scale * image @ text.t()  # (B, B + M)
+        all_images = images if negative_images is None else torch.cat([images, negative_images])  # (B + M', 3, H, W)
+        image = self.encode_image(all_images)  # (B + M', E)
+        logits_per_image = self.logit_scale * image[:batch] @ text.t()  # (B, B + M)
         logits_per_text = logits_per_image[:, :batch].t()  # (B, B)
+        if negative_images is not None:  # (B, B + M')
+            logits_per_text = torch.cat([logits_per_text, self.logit_scale * text[:batch] @ image[batch:].t()], dim=1)
         same = (text_ids[:, None, :] == all_ids[None, :, :]).all(dim=-1).to(logits_per_image.dtype)  # (B, B + M)
         image_targets = same / same.sum(dim=1, keepdim=True)  # rows sum to 1
-        text_targets = same[:, :batch] / same[:, :batch].sum(dim=1, keepdim=True)  # (B, B), symmetric support
+        fits = same[:, :batch]  # (B, B), symmetric support
+        if negative_image_ids is not None:
+            fits = torch.cat([fits, (text_ids[:, None, :] == negative_image_ids[None]).all(dim=-1).to(fits.dtype)], 1)
+        text_targets = fits / fits.sum(dim=1, keepdim=True)  # (B, B + M')
         loss = (F.cross_entropy(logits_per_image, image_targets) + F.cross_entropy(logits_per_text, text_targets)) / 2
         return {"loss": loss, "logits_per_image": logits_per_image, "logits_per_text": logits_per_text}
 

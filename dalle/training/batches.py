@@ -19,6 +19,7 @@ from dalle.config import Config, TrainConfig
 from dalle.data import shapes
 from dalle.data.sources import ShardedStream, open_source
 from dalle.data.table import load_table
+from dalle.data.twin_pictures import shape_twin
 from dalle.errors import DalleError
 from dalle.images import pil_to_uint8
 
@@ -140,15 +141,21 @@ def shard(batch: dict[str, Any], index: int, count: int) -> dict[str, Any]:
     return {k: v[index::count] for k, v in batch.items()}
 
 
-def shapes_batch_maker(config: Config):
-    """Endless shapes: item i of the training split, rendered on demand."""
+def shapes_batch_maker(config: Config, twins: bool = False):
+    """Endless shapes: item i of the training split, rendered on demand; with `twins`, each
+    item's shape twin too (`twin_images`, `twin_captions`: `dalle.data.twin_pictures`)."""
     data = config.data
     shapes.check_size(data.size)  # before the stage's progress bar starts
 
     def make(indices: list[int]) -> dict[str, Any]:
         pairs = [shapes.render(data.split, data.seed, i, data.size, data.paraphrase_prob, data.one_object_share)
                  for i in indices]
-        return {"images": torch.stack([pil_to_uint8(p[0]) for p in pairs]), "captions": [p[1] for p in pairs]}
+        batch = {"images": torch.stack([pil_to_uint8(p[0]) for p in pairs]), "captions": [p[1] for p in pairs]}
+        if twins:
+            drawn = [shape_twin(data.split, data.seed, i, data.size, data.one_object_share) for i in indices]
+            batch["twin_images"] = torch.stack([pil_to_uint8(t[0]) for t in drawn])
+            batch["twin_captions"] = [t[1] for t in drawn]
+        return batch
 
     return make
 
@@ -157,11 +164,14 @@ def is_streaming(config: Config) -> bool:
     return config.data.streaming or config.data.source.startswith("wds:")
 
 
-def image_caption_batches(config: Config, train: TrainConfig, progress: bool = True):
-    """Deterministic batches of {"images": uint8, "captions": list[str]} for a stage."""
+def image_caption_batches(config: Config, train: TrainConfig, progress: bool = True, twins: bool = False):
+    """Deterministic batches of {"images": uint8, "captions": list[str]} for a stage (`twins`:
+    plus each item's shape twin, on procedural shapes only)."""
     batch_size, seed = train.batch_size, train.seed
+    if twins and not (config.data.source == "shapes" and not config.data.n):
+        raise DalleError("shape twins are drawn for the procedural shapes data only (data.source: shapes, no data.n)")
     if config.data.source == "shapes" and not config.data.n:
-        return FunctionBatches(shapes_batch_maker(config), batch_size)
+        return FunctionBatches(shapes_batch_maker(config, twins), batch_size)
     if is_streaming(config):  # each process reads its own share: batch_size / processes rows
         state = PartialState()
         if batch_size % state.num_processes:

@@ -318,7 +318,8 @@ def train_judge(config: Config, resume: str | None = "auto", progress: bool = Tr
     radius `judge.eps` that most raises the contrastive loss (`judge.attack_steps` projected
     gradient steps), then trains on the changed pictures plus `judge.clean_weight` times the
     plain loss. Such a model's gradients point towards whole objects, not towards pixels
-    that fool it, which is what imagine climbs.
+    that fool it, which is what imagine climbs. With `judge.shape_twins` each caption also
+    meets its picture's shape twin (`dalle.data.twin_pictures`) as a wrong picture.
     """
     run_dir = Path(config.run_dir)
     if not (run_dir / "clip" / CONFIG_FILE).exists():
@@ -328,8 +329,8 @@ def train_judge(config: Config, resume: str | None = "auto", progress: bool = Tr
     clip_config = model.config
     train = config.train.judge
     torch.manual_seed(train.seed)
-    batches = image_caption_batches(config, train, progress)
     judge = config.judge
+    batches = image_caption_batches(config, train, progress, twins=judge.shape_twins)
 
     def attack(model, text_ids, images, negatives):
         delta, step_size = torch.zeros_like(images), 2.5 * judge.eps / judge.attack_steps
@@ -347,8 +348,12 @@ def train_judge(config: Config, resume: str | None = "auto", progress: bool = Tr
         model.eval()  # the attack sees the model as it is; autograd.grad(loss, delta) leaves the weights' .grad alone
         changed = attack(model, text_ids, images, negatives)
         model.train()
-        adversarial = model(text_ids, changed, negatives)["loss"]
-        clean = model(text_ids, images, negatives)["loss"] if judge.clean_weight else torch.zeros(())
+        twins = {}
+        if judge.shape_twins:  # the attack leaves them alone; the losses below see them as wrong pictures
+            twins = {"negative_images": to_float(batch["twin_images"]).to(images.device),
+                     "negative_image_ids": tokenizer.encode(batch["twin_captions"]).to(images.device)}
+        adversarial = model(text_ids, changed, negatives, **twins)["loss"]
+        clean = model(text_ids, images, negatives, **twins)["loss"] if judge.clean_weight else torch.zeros(())
         return {"loss": adversarial + judge.clean_weight * clean, "adversarial": adversarial.detach(),
                 "clean": clean.detach()}
 
