@@ -122,3 +122,24 @@ def test_imagine_refuses_a_negative_smoothness(tiny_pipeline):
     pipeline = load_pipeline(tiny_pipeline, device="cpu")
     with pytest.raises(DalleError, match="smoothness"):
         imagine(pipeline.dvae, pipeline.scorer, "a red circle", steps=1, smoothness=-1.0, progress=False)
+
+
+def test_a_run_without_a_transformer_imagines_and_says_why_it_cannot_sample(tiny_pipeline, tmp_path, capsys):
+    run = tmp_path / "model"
+    shutil.copytree(tiny_pipeline, run, ignore=shutil.ignore_patterns("transformer"))  # dVAE + CLIP only
+    out = tmp_path / "imagined"
+    assert main(["imagine", "--model", str(run), "--prompt", "a red circle", "--steps", "3", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    (line,) = [json.loads(text) for text in (out / "samples.jsonl").read_text().splitlines()]
+    pipeline = load_pipeline(run, device="cpu")
+    assert pipeline.transformer is None and pipeline.tokenizer.text_len == pipeline.scorer.model.config.text_len
+    assert abs(line["clip_score"] - float(score_images(pipeline.scorer, "a red circle",
+                                                      [Image.open(out / line["image"])])[0])) < 1e-3
+    for command in (["generate", "--model", str(run), "--prompt", "a red circle", "--out", str(tmp_path / "g")],
+                    ["imagine", "--model", str(run), "--prompt", "a red circle", "--steps", "3", "--init", "sample",
+                     "--out", str(tmp_path / "s")]):
+        assert main(command + ["--device", "cpu"]) != 0
+        assert "has no transformer/, so it cannot sample: it only imagines" in capsys.readouterr().err
+    shutil.rmtree(run / "clip")
+    with pytest.raises(DalleError, match="transformer is missing"):  # no CLIP, no transformer: not a pipeline
+        load_pipeline(run, device="cpu")

@@ -84,7 +84,7 @@ class Pipeline:
         >>> samples[0].image.save("best.png")
     """
 
-    def __init__(self, tokenizer: Tokenizer, transformer: DalleTransformer, image_tokenizer: ImageTokenizer,
+    def __init__(self, tokenizer: Tokenizer, transformer: DalleTransformer | None, image_tokenizer: ImageTokenizer,
                  scorer: Scorer | None, directory: Path | None = None, sampling: SamplingConfig | None = None,
                  judge: Scorer | None = None):
         check_fit(tokenizer, transformer, image_tokenizer, scorer)
@@ -110,6 +110,8 @@ class Pipeline:
 
     @property
     def device(self) -> torch.device:
+        if self.transformer is None:  # an imagine-only pipeline
+            return next(self.image_tokenizer.parameters()).device
         return self.transformer.text_emb.weight.device
 
     def where(self) -> str:
@@ -118,7 +120,7 @@ class Pipeline:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.text_emb.weight.dtype
+        return torch.float32 if self.transformer is None else self.transformer.text_emb.weight.dtype
 
     def to(self, device: str | torch.device = "auto", dtype: str | torch.dtype | None = "auto") -> Pipeline:
         """Moves the pipeline; the transformer runs in `dtype`, the image tokenizer and the CLIP stay in float32.
@@ -129,7 +131,8 @@ class Pipeline:
         """
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        self.transformer.to(device=device, dtype=dtype)
+        if self.transformer is not None:
+            self.transformer.to(device=device, dtype=dtype)
         self.image_tokenizer.to(device)
         for scorer in (self.scorer, self.judge):
             if isinstance(scorer, CLIPScorer | HFCLIPScorer):
@@ -297,6 +300,7 @@ class Pipeline:
 
         Weights above `max_shard_size` are split into safetensors shards with an index;
         `metrics` (from `dalle eval`) and a `grid` of samples go into the card."""
+        self._need_transformer("be saved as a pipeline")
         clip_model, judge = (s.model if isinstance(s, CLIPScorer) else None for s in (self.scorer, self.judge))
         return save_pipeline(directory, self.tokenizer, self.transformer, self.image_tokenizer, clip_model,
                              self.sampling, self.directory, max_shard_size, metrics, grid, judge)
@@ -321,6 +325,7 @@ class Pipeline:
                 kept: tuple[torch.Tensor, torch.Tensor] | None, batch_size: int | None = None,
                 stop: int | None = None) -> torch.Tensor:
         """(candidates, N) codes; `kept` = ((1, N) codes, (N,) mask of the positions that keep them)."""
+        self._need_transformer("sample")
         text = self.tokenizer.encode([prompt])  # (1, L)
         keep_codes, keep_mask = (None, None) if kept is None else kept
         return sample_image_codes(self.transformer, text, num_candidates=candidates, temperature=settings.temperature,
@@ -339,6 +344,11 @@ class Pipeline:
                                   top_k=settings.top_k, top_p=settings.top_p, cond_scale=settings.cond_scale,
                                   seed=seed, batch_size=batch_size, keep=codes, keep_mask=self._first(done),
                                   stop=stop, compile_step=self.compile)
+
+    def _need_transformer(self, what: str) -> None:
+        if self.transformer is None:
+            raise DalleError(f"this pipeline has no transformer/, so it cannot {what}: it only imagines "
+                             "(train one with `dalle train`)")
 
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         """(C, N) codes -> (C, 3, S, S) pixels in [0, 1], through the float32 image tokenizer's decoder."""
@@ -372,18 +382,19 @@ def check_request(prompts: list[str], candidates: int, keep: int, seed: int) -> 
             raise DalleError(f"a prompt may have at most {MAX_PROMPT_CHARS} characters, got {len(prompt)}")
 
 
-def check_fit(tokenizer: Tokenizer, transformer: DalleTransformer, image_tokenizer: ImageTokenizer,
+def check_fit(tokenizer: Tokenizer, transformer: DalleTransformer | None, image_tokenizer: ImageTokenizer,
               scorer: Scorer | None) -> None:
     """Names the first way the stages do not fit together."""
-    t, d = transformer.config, image_tokenizer
+    d = image_tokenizer
     kind = NAMES.get(d.kind, d.kind)
-    if t.text_vocab != tokenizer.total_vocab:
+    t = transformer.config if transformer is not None else None  # None: an imagine-only pipeline
+    if t is not None and t.text_vocab != tokenizer.total_vocab:
         raise CheckpointError(f"the transformer expects a text vocabulary of {t.text_vocab}, the tokenizer gives "
                               f"{tokenizer.total_vocab} ({tokenizer.vocab_size} BPE + {tokenizer.text_len} padding)")
-    if t.image_vocab != d.codebook_size:
+    if t is not None and t.image_vocab != d.codebook_size:
         raise CheckpointError(f"the transformer expects {t.image_vocab} image codes, the {kind} has a codebook of "
                               f"{d.codebook_size}")
-    if t.image_grid != d.grid:
+    if t is not None and t.image_grid != d.grid:
         raise CheckpointError(f"the transformer expects a {t.image_grid}x{t.image_grid} code grid, the {kind} makes "
                               f"{d.grid}x{d.grid}")
     if isinstance(scorer, CLIPScorer):  # our CLIP reads captions with its own tokenizer (maybe another length)
@@ -398,7 +409,8 @@ def load_pipeline(directory: str | Path, clip: str | None = None, device: str | 
     """Loads a pipeline directory, or `hf:USER/REPO` from the Hugging Face Hub (or its local cache).
 
     Args:
-        directory: holds tokenizer.json, dvae/ (or vqgan/), transformer/ and optionally clip/.
+        directory: holds tokenizer.json, dvae/ (or vqgan/), transformer/ and optionally clip/
+            and judge/; without transformer/ (a run before `dalle train`) it only imagines.
         clip: another CLIP to rerank with: `hf:NAME_OR_DIR` or a CLIP model directory.
         device: auto (CUDA when there is a GPU), cpu, cuda or cuda:N.
         dtype: the transformer's precision: auto (bf16 on a GPU, float32 on the CPU),
@@ -411,12 +423,17 @@ def load_pipeline(directory: str | Path, clip: str | None = None, device: str | 
     directory = snapshot_of(directory) if str(directory).startswith(HF_PREFIX) else Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"pipeline directory not found: {directory}")
+    clips = [directory / part / CONFIG_FILE for part in ("judge", "clip") if (directory / part / CONFIG_FILE).exists()]
     for part in (TOKENIZER_FILE, "transformer"):
-        if not (directory / part).exists():
+        if not (directory / part).exists() and not (part == "transformer" and clips):
             raise CheckpointError(f"{directory} is not a pipeline directory: {part} is missing")
     image_dir = image_tokenizer_dir(directory)  # dvae/ or vqgan/
-    transformer = load_transformer(directory / "transformer").to(device)
-    tokenizer = load_tokenizer(directory / TOKENIZER_FILE, transformer.config.text_len)
+    transformer = None  # an imagine-only run: the caption length is the CLIP's
+    if (directory / "transformer").exists():
+        transformer = load_transformer(directory / "transformer").to(device)
+    clip_config = json.loads(clips[0].read_text(encoding="utf-8"))["config"] if clips else {}
+    text_len = transformer.config.text_len if transformer else clip_config["text_len"]
+    tokenizer = load_tokenizer(directory / TOKENIZER_FILE, text_len)
     image_tokenizer = load_image_tokenizer(image_dir).to(device)
     scorer = None
     if clip is not None or (directory / "clip").is_dir():
