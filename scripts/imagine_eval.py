@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--init", choices=["random", "sample"], default="random")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoothness", type=float, help="default: 1 with the model's judge/, else 0")
-    parser.add_argument("--restarts", type=int, default=1)
+    parser.add_argument("--restarts", type=int, default=4)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     pipeline = load_pipeline(args.model, device=args.device)
