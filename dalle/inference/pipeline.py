@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from dalle.checkpoint import CONFIG_FILE, CheckpointError, write_json_atomic
+from dalle.checkpoint import CONFIG_FILE, CheckpointError, read_model_meta, write_json_atomic
 from dalle.config import SamplingConfig, check_sampling
 from dalle.config_io import ConfigError, from_dict, to_dict
 from dalle.errors import DalleError
@@ -385,18 +385,19 @@ def check_request(prompts: list[str], candidates: int, keep: int, seed: int) -> 
 def check_fit(tokenizer: Tokenizer, transformer: DalleTransformer | None, image_tokenizer: ImageTokenizer,
               scorer: Scorer | None) -> None:
     """Names the first way the stages do not fit together."""
-    d = image_tokenizer
-    kind = NAMES.get(d.kind, d.kind)
-    t = transformer.config if transformer is not None else None  # None: an imagine-only pipeline
-    if t is not None and t.text_vocab != tokenizer.total_vocab:
-        raise CheckpointError(f"the transformer expects a text vocabulary of {t.text_vocab}, the tokenizer gives "
-                              f"{tokenizer.total_vocab} ({tokenizer.vocab_size} BPE + {tokenizer.text_len} padding)")
-    if t is not None and t.image_vocab != d.codebook_size:
-        raise CheckpointError(f"the transformer expects {t.image_vocab} image codes, the {kind} has a codebook of "
-                              f"{d.codebook_size}")
-    if t is not None and t.image_grid != d.grid:
-        raise CheckpointError(f"the transformer expects a {t.image_grid}x{t.image_grid} code grid, the {kind} makes "
-                              f"{d.grid}x{d.grid}")
+    if transformer is not None:  # None: an imagine-only pipeline
+        t, d = transformer.config, image_tokenizer
+        kind = NAMES.get(d.kind, d.kind)
+        if t.text_vocab != tokenizer.total_vocab:
+            raise CheckpointError(f"the transformer expects a text vocabulary of {t.text_vocab}, the tokenizer gives "
+                                  f"{tokenizer.total_vocab} ({tokenizer.vocab_size} BPE + {tokenizer.text_len} "
+                                  "padding)")
+        if t.image_vocab != d.codebook_size:
+            raise CheckpointError(f"the transformer expects {t.image_vocab} image codes, the {kind} has a codebook "
+                                  f"of {d.codebook_size}")
+        if t.image_grid != d.grid:
+            raise CheckpointError(f"the transformer expects a {t.image_grid}x{t.image_grid} code grid, the {kind} "
+                                  f"makes {d.grid}x{d.grid}")
     if isinstance(scorer, CLIPScorer):  # our CLIP reads captions with its own tokenizer (maybe another length)
         c, clip_tokenizer = scorer.model.config, scorer.tokenizer
         if c.text_vocab != clip_tokenizer.total_vocab or c.text_len != clip_tokenizer.text_len:
@@ -423,16 +424,17 @@ def load_pipeline(directory: str | Path, clip: str | None = None, device: str | 
     directory = snapshot_of(directory) if str(directory).startswith(HF_PREFIX) else Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"pipeline directory not found: {directory}")
-    clips = [directory / part / CONFIG_FILE for part in ("judge", "clip") if (directory / part / CONFIG_FILE).exists()]
-    for part in (TOKENIZER_FILE, "transformer"):
-        if not (directory / part).exists() and not (part == "transformer" and clips):
-            raise CheckpointError(f"{directory} is not a pipeline directory: {part} is missing")
+    if not (directory / TOKENIZER_FILE).exists():
+        raise CheckpointError(f"{directory} is not a pipeline directory: {TOKENIZER_FILE} is missing")
+    clips = [directory / part for part in ("judge", "clip") if (directory / part / CONFIG_FILE).exists()]
     image_dir = image_tokenizer_dir(directory)  # dvae/ or vqgan/
-    transformer = None  # an imagine-only run: the caption length is the CLIP's
     if (directory / "transformer").exists():
         transformer = load_transformer(directory / "transformer").to(device)
-    clip_config = json.loads(clips[0].read_text(encoding="utf-8"))["config"] if clips else {}
-    text_len = transformer.config.text_len if transformer else clip_config["text_len"]
+        text_len = transformer.config.text_len
+    elif clips:  # an imagine-only run: the caption length is the CLIP's
+        transformer, text_len = None, read_model_meta(clips[0], "clip")["config"]["text_len"]
+    else:
+        raise CheckpointError(f"{directory} is not a pipeline directory: transformer is missing")
     tokenizer = load_tokenizer(directory / TOKENIZER_FILE, text_len)
     image_tokenizer = load_image_tokenizer(image_dir).to(device)
     scorer = None

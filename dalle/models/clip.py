@@ -233,11 +233,14 @@ class CLIP(nn.Module):
         logits_per_text = logits_per_image[:, :batch].t()  # (B, B)
         if negative_images is not None:  # (B, B + M')
             logits_per_text = torch.cat([logits_per_text, self.logit_scale * text[:batch] @ image[batch:].t()], dim=1)
-        same = (text_ids[:, None, :] == all_ids[None, :, :]).all(dim=-1).to(logits_per_image.dtype)  # (B, B + M)
+        def identical(ids: torch.Tensor) -> torch.Tensor:  # (B, n): caption i is token for token ids[j]
+            return (text_ids[:, None, :] == ids[None, :, :]).all(dim=-1).to(logits_per_image.dtype)
+
+        same = identical(all_ids)  # (B, B + M)
         image_targets = same / same.sum(dim=1, keepdim=True)  # rows sum to 1
         fits = same[:, :batch]  # (B, B), symmetric support
         if negative_image_ids is not None:
-            fits = torch.cat([fits, (text_ids[:, None, :] == negative_image_ids[None]).all(dim=-1).to(fits.dtype)], 1)
+            fits = torch.cat([fits, identical(negative_image_ids)], dim=1)
         text_targets = fits / fits.sum(dim=1, keepdim=True)  # (B, B + M')
         loss = (F.cross_entropy(logits_per_image, image_targets) + F.cross_entropy(logits_per_text, text_targets)) / 2
         return {"loss": loss, "logits_per_image": logits_per_image, "logits_per_text": logits_per_text}

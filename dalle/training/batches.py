@@ -168,9 +168,10 @@ def image_caption_batches(config: Config, train: TrainConfig, progress: bool = T
     """Deterministic batches of {"images": uint8, "captions": list[str]} for a stage (`twins`:
     plus each item's shape twin, on procedural shapes only)."""
     batch_size, seed = train.batch_size, train.seed
-    if twins and not (config.data.source == "shapes" and not config.data.n):
+    procedural = config.data.source == "shapes" and not config.data.n
+    if twins and not procedural:
         raise DalleError("shape twins are drawn for the procedural shapes data only (data.source: shapes, no data.n)")
-    if config.data.source == "shapes" and not config.data.n:
+    if procedural:
         return FunctionBatches(shapes_batch_maker(config, twins), batch_size)
     if is_streaming(config):  # each process reads its own share: batch_size / processes rows
         state = PartialState()
