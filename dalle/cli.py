@@ -222,7 +222,7 @@ def _inference_parsers(commands) -> None:
                                    "from dalle train-judge, else its CLIP)")
     im.add_argument("--smoothness", type=float,
                     help="weight of the total-variation term (default: 1 with the model's judge, else 0)")
-    im.add_argument("--restarts", type=int, default=4,
+    im.add_argument("--restarts", type=int, default=8,
                     help="starts optimised together; the model's CLIP keeps the best (with the judge guiding)")
     im.add_argument("--frames", action="store_true", help="also write the optimisation as a GIF")
     _add_device_flags(im)

@@ -301,7 +301,7 @@ def edit(model: str, image: str, prompt: str, out: str, box: str | None = None, 
 
 
 def imagine(model: str, prompt: str, out: str, seed: int = 0, steps: int = 100, init: str = "random",
-            clip: str | None = None, smoothness: float | None = None, restarts: int = 4,
+            clip: str | None = None, smoothness: float | None = None, restarts: int = 8,
             frames: bool = False, device: str = "auto", dtype: str = "auto") -> Path:
     """A picture for a prompt found by optimising the image tokenizer's codes for CLIP's score (no transformer
     needed); the judge is `--clip`, else the model's judge/ (`dalle train-judge`), else its CLIP."""

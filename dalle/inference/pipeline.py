@@ -265,7 +265,7 @@ class Pipeline:
 
     def imagine(self, prompt: str, *, steps: int = 100, seed: int = 0, init: str = "random",
                 scorer: Scorer | None = None, lr: float = 0.2, cutouts: int = 8, smoothness: float | None = None,
-                restarts: int = 4, frame_every: int = 0, progress: bool = True) -> Imagined:
+                restarts: int = 8, frame_every: int = 0, progress: bool = True) -> Imagined:
         """A picture found by optimising the image tokenizer's codes for CLIP's score (`dalle.inference.imagine`).
 
         `init="sample"` starts from the transformer's best of 16 samples (one per restart);
