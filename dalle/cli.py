@@ -137,7 +137,8 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 def _add_device_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when there is a GPU), cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="the transformer's precision (auto: bf16 on a GPU, float32 on the CPU)")
+                        help="the transformer's precision (auto: bf16 on a GPU; on the CPU bf16 where "
+                             "a start-up probe measures it faster, else float32)")
 
 
 def _add_candidate_flags(parser: argparse.ArgumentParser) -> None:

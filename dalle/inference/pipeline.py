@@ -414,8 +414,8 @@ def load_pipeline(directory: str | Path, clip: str | None = None, device: str | 
             and judge/; without transformer/ (a run before `dalle train`) it only imagines.
         clip: another CLIP to rerank with: `hf:NAME_OR_DIR` or a CLIP model directory.
         device: auto (CUDA when there is a GPU), cpu, cuda or cuda:N.
-        dtype: the transformer's precision: auto (bf16 on a GPU, float32 on the CPU),
-            float32, bfloat16 or float16 (see `Pipeline.to`).
+        dtype: the transformer's precision: auto (bf16 on a GPU; on the CPU bf16 where a start-up
+            probe measures it faster, else float32), float32, bfloat16 or float16 (see `Pipeline.to`).
         compile: decode with the static-shape step under `torch.compile` (CUDA graphs on a
             GPU); the first call per batch size compiles.
     """
