@@ -17,11 +17,9 @@ import json
 import time
 
 import numpy as np
-import torch
 
 from dalle.data import shapes
 from dalle.evaluation.evaluate import prompt_sets
-from dalle.images import tensor_to_pil
 from dalle.inference.pipeline import load_pipeline
 
 
@@ -49,10 +47,7 @@ def main() -> None:
         objects = shapes.read_objects(found.image)
         colour.append(any(o.colour == asked[0] for o in objects))
         colour_shape.append(shapes.judge(found.image, prompt)["colour_shape"])
-        codes = torch.stack(found.candidates).view(-1, pipeline.image_tokenizer.grid, pipeline.image_tokenizer.grid)
-        with torch.no_grad():
-            pictures = pipeline.image_tokenizer.decode(codes.to(pipeline.device)).float().cpu()
-        right = [shapes.judge(tensor_to_pil(picture), prompt)["colour_shape"] for picture in pictures]
+        right = [shapes.judge(picture, prompt)["colour_shape"] for picture in found.candidate_images]
         each_restart.append(np.mean(right))
         any_restart.append(any(right))
     seconds /= len(prompts)

@@ -44,6 +44,7 @@ def test_restarts_run_together_and_the_ranker_keeps_the_best(tiny_pipeline):
                 for codes in found.candidates]
     ranked = score_images(ranker, "a red circle", pictures)
     assert len(pictures) == 3 and found.image.tobytes() == pictures[int(ranked.argmax())].tobytes()
+    assert [p.tobytes() for p in found.candidate_images] == [p.tobytes() for p in pictures]
     assert abs(found.rank_score - float(ranked.max())) < 1e-3
     assert abs(found.clip_score - float(score_images(pipeline.scorer, "a red circle", [found.image])[0])) < 1e-3
     assert found.frames[-1] is found.image and len(found.frames) == 3  # steps 0 and 2, then the result

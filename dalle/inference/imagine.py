@@ -43,6 +43,7 @@ class Imagined:
     clip_score: float  # by the CLIP that guided the optimisation
     rank_score: float | None = None  # by the ranker that chose among the restarts (None: one start)
     candidates: list[torch.Tensor] = field(default_factory=list)  # every restart's (N,) codes
+    candidate_images: list[Image.Image] = field(default_factory=list)  # every restart's picture, decoded
     frames: list[Image.Image] = field(default_factory=list)  # the picture every `frame_every` steps
 
 
@@ -141,6 +142,7 @@ def imagine(tokenizer: ImageTokenizer, scorer: Scorer, prompt: str, *, steps: in
     image = tensor_to_pil(pictures[best])
     frames = [frame[best] for frame in frames] + ([image] if frame_every else [])
     return Imagined(image, codes[best].flatten().cpu(), final, frames=frames, candidates=list(codes.flatten(1).cpu()),
+                    candidate_images=[tensor_to_pil(picture) for picture in pictures],
                     rank_score=float(rank_scores[best]) if rank_scores is not None else None)
 
 
