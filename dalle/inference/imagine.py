@@ -139,10 +139,11 @@ def imagine(tokenizer: ImageTokenizer, scorer: Scorer, prompt: str, *, steps: in
     rank_scores = score_images(ranker or scorer, prompt, pictures) if restarts > 1 else None
     best = int(rank_scores.argmax()) if rank_scores is not None else 0
     final = float(score_images(scorer, prompt, pictures[best:best + 1])[0])
-    image = tensor_to_pil(pictures[best])
+    candidate_images = [tensor_to_pil(picture) for picture in pictures]
+    image = candidate_images[best]
     frames = [frame[best] for frame in frames] + ([image] if frame_every else [])
     return Imagined(image, codes[best].flatten().cpu(), final, frames=frames, candidates=list(codes.flatten(1).cpu()),
-                    candidate_images=[tensor_to_pil(picture) for picture in pictures],
+                    candidate_images=candidate_images,
                     rank_score=float(rank_scores[best]) if rank_scores is not None else None)
 
 
