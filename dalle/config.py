@@ -349,9 +349,16 @@ class JudgeConfig:
     clean_weight: float = 0.5  # the plain contrastive loss beside the adversarial one
     # shapes only: each picture's shape twin (same place, another outline) as an extra wrong picture for its caption
     shape_twins: bool = False
+    # The last `final_steps` updates attack within `final_eps` instead: a ball small enough that a
+    # square's corners stay visible to the judge, so imagine draws squares, not round blobs
+    final_eps: float = 3.0
+    final_steps: int = 0
 
     def __post_init__(self):
         _check(math.isfinite(self.eps) and self.eps > 0, "judge.eps", f"must be finite and > 0, got {self.eps}")
+        _check(math.isfinite(self.final_eps) and self.final_eps > 0, "judge.final_eps",
+               f"must be finite and > 0, got {self.final_eps}")
+        _check(self.final_steps >= 0, "judge.final_steps", f"must be >= 0, got {self.final_steps}")
         _check(self.attack_steps >= 1, "judge.attack_steps", f"must be >= 1, got {self.attack_steps}")
         _check(math.isfinite(self.clean_weight) and self.clean_weight >= 0, "judge.clean_weight",
                f"must be finite and >= 0, got {self.clean_weight}")

@@ -47,6 +47,10 @@ def test_validation_in_post_init():
         load_config(None, ["transformer.dim=30", "transformer.heads=4"])
     with pytest.raises(ConfigError, match="judge.eps must be finite and > 0"):
         load_config(None, ["judge.eps=0"])
+    with pytest.raises(ConfigError, match="judge.final_eps must be finite and > 0"):
+        load_config(None, ["judge.final_eps=-1"])
+    with pytest.raises(ConfigError, match="judge.final_steps must be >= 0"):
+        load_config(None, ["judge.final_steps=-5"])
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

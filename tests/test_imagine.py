@@ -91,9 +91,10 @@ def test_the_judge_trains_on_pictures_that_fool_it_and_imagine_uses_it(tiny_pipe
     assert main(["train-judge", "--config", str(TINY), "--run-dir", str(run), "--set", "train.judge.steps=4",
                  "--set", "train.judge.batch_size=8", "--set", "train.judge.warmup_steps=1",
                  "--set", "train.judge.log_every=1", "--set", "judge.eps=2.0", "--set", "judge.shape_twins=true",
+                 "--set", "judge.final_eps=1.0", "--set", "judge.final_steps=1",
                  "--set", 'train.judge.mixed_precision="no"']) == 0  # bf16 rounds a tiny model's loss gap away
     records = [json.loads(line) for line in (run / "logs" / "judge.jsonl").read_text().splitlines()]
-    assert len(records) == 4
+    assert [r["eps"] for r in records] == [2.0, 2.0, 2.0, 1.0]  # the last update attacks within final_eps
     assert all(r["adversarial"] > r["clean"] for r in records)  # the attack found worse pictures
     judge, clip = load_clip(run / "judge"), load_clip(run / "clip")
     assert any(not torch.equal(a, b) for a, b in zip(judge.state_dict().values(), clip.state_dict().values()))
@@ -117,6 +118,13 @@ def test_the_judge_trains_on_pictures_that_fool_it_and_imagine_uses_it(tiny_pipe
               "--set", "train.judge.batch_size=8", "--set", "train.judge.warmup_steps=1", "--set", "judge.eps=1.0"]
     assert main(longer) != 0  # a resumed judge must keep its attack
     assert "judge.eps = 2.0, now 1.0" in capsys.readouterr().err
+    (state,) = (run / "train-state" / "judge").glob("step-*/state.json")
+    saved = json.loads(state.read_text())
+    del saved["settings"]["stage"]["judge.final_steps"]  # as a state written before the setting existed
+    state.write_text(json.dumps(saved))
+    same = longer[:-1] + ["judge.eps=2.0", "--set", "judge.shape_twins=true", "--set", "judge.final_eps=1.0", "--set",
+                          "judge.final_steps=1", "--set", 'train.judge.mixed_precision="no"']
+    assert main(same) == 0  # resumes: only the settings the state recorded are compared
 
 
 def test_imagine_refuses_a_negative_smoothness(tiny_pipeline):

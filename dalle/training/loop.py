@@ -307,8 +307,8 @@ def _check_settings(run: Run, path: Path) -> None:
     for part in ("train", "model", "stage"):
         if part not in saved:
             continue  # written before this part was recorded
-        for key in sorted(set(saved.get(part) or {}) | set(now.get(part) or {})):
-            old, new = (saved.get(part) or {}).get(key), (now.get(part) or {}).get(key)
+        for key in sorted(saved.get(part) or {}):  # a setting added after the state was written is not compared
+            old, new = saved[part][key], (now.get(part) or {}).get(key)
             if old != new:
                 where = {"train": f"train.{run.stage}.{key}", "model": f"{run.stage}.{key}", "stage": key}[part]
                 raise TrainingError(f"{run.state_dir} was trained with {where} = {old!r}, now {new!r}: "

@@ -318,7 +318,8 @@ def train_judge(config: Config, resume: str | None = "auto", progress: bool = Tr
     radius `judge.eps` that most raises the contrastive loss (`judge.attack_steps` projected
     gradient steps), then trains on the changed pictures plus `judge.clean_weight` times the
     plain loss. Such a model's gradients point towards whole objects, not towards pixels
-    that fool it, which is what imagine climbs. With `judge.shape_twins` each caption also
+    that fool it, which is what imagine climbs. The last `judge.final_steps` updates attack
+    within `judge.final_eps`. With `judge.shape_twins` each caption also
     meets its picture's shape twin (`dalle.data.twin_pictures`) as a wrong picture.
     """
     run_dir = Path(config.run_dir)
@@ -332,21 +333,22 @@ def train_judge(config: Config, resume: str | None = "auto", progress: bool = Tr
     judge = config.judge
     batches = image_caption_batches(config, train, progress, twins=judge.shape_twins)
 
-    def attack(model, text_ids, images, negatives):
-        delta, step_size = torch.zeros_like(images), 2.5 * judge.eps / judge.attack_steps
+    def attack(model, text_ids, images, negatives, eps):
+        delta, step_size = torch.zeros_like(images), 2.5 * eps / judge.attack_steps
         for _ in range(judge.attack_steps):
             delta.requires_grad_(True)
             loss = model(text_ids, (images + delta).clamp(0, 1), negatives)["loss"]
             (grad,) = torch.autograd.grad(loss, delta)
             delta = delta.detach() + step_size * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
             norm = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-            delta = delta * (judge.eps / norm.clamp_min(judge.eps))  # back into the ball
+            delta = delta * (eps / norm.clamp_min(eps))  # back into the ball
         return (images + delta).clamp(0, 1).detach()
 
     def step_fn(model, batch, step):
         text_ids, images, negatives = _clip_inputs(config, clip_config, tokenizer, batch, step)
         model.eval()  # the attack sees the model as it is; autograd.grad(loss, delta) leaves the weights' .grad alone
-        changed = attack(model, text_ids, images, negatives)
+        eps = judge.final_eps if step >= train.steps - judge.final_steps else judge.eps
+        changed = attack(model, text_ids, images, negatives, eps)
         model.train()
         twins = {}
         if judge.shape_twins:  # the attack leaves them alone; the losses below see them as wrong pictures
@@ -355,7 +357,7 @@ def train_judge(config: Config, resume: str | None = "auto", progress: bool = Tr
         adversarial = model(text_ids, changed, negatives, **twins)["loss"]
         clean = model(text_ids, images, negatives, **twins)["loss"] if judge.clean_weight else torch.zeros(())
         return {"loss": adversarial + judge.clean_weight * clean, "adversarial": adversarial.detach(),
-                "clean": clean.detach()}
+                "clean": clean.detach(), "eps": torch.tensor(eps)}
 
     result = fit(model, batches, step_fn, train, config.run_dir, "judge", save_fn=save_clip,
                  resume=resume, items_per_batch=lambda b: len(b["images"]), progress=progress, stop_after=stop_after,
