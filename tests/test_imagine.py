@@ -88,11 +88,12 @@ def test_total_variation_is_zero_for_a_flat_picture_and_two_for_a_checkerboard()
 def test_the_judge_trains_on_pictures_that_fool_it_and_imagine_uses_it(tiny_pipeline, tmp_path, capsys):
     run = tmp_path / "model"
     shutil.copytree(tiny_pipeline, run)
-    assert main(["train-judge", "--config", str(TINY), "--run-dir", str(run), "--set", "train.judge.steps=4",
-                 "--set", "train.judge.batch_size=8", "--set", "train.judge.warmup_steps=1",
-                 "--set", "train.judge.log_every=1", "--set", "judge.eps=2.0", "--set", "judge.shape_twins=true",
-                 "--set", "judge.final_eps=1.0", "--set", "judge.final_steps=1",
-                 "--set", 'train.judge.mixed_precision="no"']) == 0  # bf16 rounds a tiny model's loss gap away
+    train_judge = ["train-judge", "--config", str(TINY), "--run-dir", str(run), "--set", "train.judge.batch_size=8",
+                   "--set", "train.judge.warmup_steps=1"]
+    attack = ["--set", "judge.eps=2.0", "--set", "judge.shape_twins=true", "--set", "judge.final_eps=1.0",
+              "--set", "judge.final_steps=1",
+              "--set", 'train.judge.mixed_precision="no"']  # bf16 rounds a tiny model's loss gap away
+    assert main(train_judge + attack + ["--set", "train.judge.steps=4", "--set", "train.judge.log_every=1"]) == 0
     records = [json.loads(line) for line in (run / "logs" / "judge.jsonl").read_text().splitlines()]
     assert [r["eps"] for r in records] == [2.0, 2.0, 2.0, 1.0]  # the last update attacks within final_eps
     assert all(r["adversarial"] > r["clean"] for r in records)  # the attack found worse pictures
@@ -114,17 +115,14 @@ def test_the_judge_trains_on_pictures_that_fool_it_and_imagine_uses_it(tiny_pipe
                                                  judge.state_dict().values()))
     assert load_pipeline(saved, device="cpu").judge is not None
 
-    longer = ["train-judge", "--config", str(TINY), "--run-dir", str(run), "--set", "train.judge.steps=5",
-              "--set", "train.judge.batch_size=8", "--set", "train.judge.warmup_steps=1", "--set", "judge.eps=1.0"]
-    assert main(longer) != 0  # a resumed judge must keep its attack
+    longer = train_judge + ["--set", "train.judge.steps=5"]
+    assert main(longer + ["--set", "judge.eps=1.0"]) != 0  # a resumed judge must keep its attack
     assert "judge.eps = 2.0, now 1.0" in capsys.readouterr().err
     (state,) = (run / "train-state" / "judge").glob("step-*/state.json")
-    saved = json.loads(state.read_text())
-    del saved["settings"]["stage"]["judge.final_steps"]  # as a state written before the setting existed
-    state.write_text(json.dumps(saved))
-    same = longer[:-1] + ["judge.eps=2.0", "--set", "judge.shape_twins=true", "--set", "judge.final_eps=1.0", "--set",
-                          "judge.final_steps=1", "--set", 'train.judge.mixed_precision="no"']
-    assert main(same) == 0  # resumes: only the settings the state recorded are compared
+    written = json.loads(state.read_text())
+    del written["settings"]["stage"]["judge.final_steps"]  # as a state written before the setting existed
+    state.write_text(json.dumps(written))
+    assert main(longer + attack) == 0  # resumes: only the settings the state recorded are compared
 
 
 def test_imagine_refuses_a_negative_smoothness(tiny_pipeline):
